@@ -1,0 +1,76 @@
+"""The architecture factory: the seed paper's eight CNNs (and any other timm name) with a 3-class head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cxr_triage.labels import CLASS_LABELS
+
+# The seed paper's eight architectures, by timm name.
+PAPER_ARCHITECTURES: tuple[str, ...] = (
+    "efficientnet_b4",
+    "tf_efficientnet_b7",
+    "resnet101",
+    "resnet152",
+    "densenet169",
+    "densenet201",
+    "vgg19_bn",
+    "mobilenetv2_100",
+)
+
+
+def create_model(
+    architecture: str,
+    *,
+    num_classes: int = len(CLASS_LABELS),
+    pretrained_weights: Path | None = None,
+) -> nn.Module:
+    """Build `architecture` with a fresh `num_classes` head.
+
+    `pretrained_weights` is a local ImageNet checkpoint (timm's state dict, .pth or .safetensors); nothing is
+    downloaded. Its classifier is dropped, so the head starts fresh.
+    """
+    if architecture not in timm.list_models():
+        raise ValueError(f"unknown timm architecture {architecture!r}")
+    if pretrained_weights is None:
+        return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    if not Path(pretrained_weights).is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {pretrained_weights}")
+    model = timm.create_model(
+        architecture,
+        pretrained=True,
+        num_classes=num_classes,
+        pretrained_cfg_overlay={"file": str(pretrained_weights)},
+    )
+    return model
+
+
+def load_state(model: nn.Module, weights: Path) -> nn.Module:
+    """Load safetensors weights (fp16 or fp32) into `model` as fp32; strict, so a wrong file fails loudly."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_state(model: nn.Module, weights: Path, *, half: bool = True) -> None:
+    """Save `model`'s state dict as safetensors (fp16 by default: half the size, same ranking in practice)."""
+    from safetensors.torch import save_file
+
+    state = {
+        k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    save_file(state, str(weights))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["PAPER_ARCHITECTURES", "count_parameters", "create_model", "load_state", "save_state", "torch"]

@@ -1,0 +1,225 @@
+"""The `cxr-triage` command: run the parts, migrate the database, inspect instances and the model registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cxr_triage.labels import DEMO_DISCLAIMER
+from cxr_triage.logs import configure_logging, get_logger
+from cxr_triage.registry import Registry, RegistryError
+from cxr_triage.settings import get_settings
+
+app = typer.Typer(
+    help="cxr-triage: chest radiograph triage next to a PACS. Demo model: not for clinical use."
+)
+db_app = typer.Typer(help="Database schema.")
+models_app = typer.Typer(help="The model registry.")
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+console = Console()
+log = get_logger(__name__)
+
+
+def _setup(component: str) -> None:
+    settings = get_settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format, component=component)
+    settings.home.mkdir(parents=True, exist_ok=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema to the latest revision."""
+    from db.migrate import upgrade
+
+    _setup("db")
+    upgrade(get_settings().effective_database_url)
+    console.print("database at head")
+
+
+@app.command()
+def listener() -> None:
+    """Run the DICOM listener (C-ECHO, C-STORE) with its outbox."""
+    from db.migrate import upgrade
+    from listener.server import run
+
+    _setup("listener")
+    settings = get_settings()
+    upgrade(settings.effective_database_url)
+    run(settings)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("gpu,cpu,training", help="Queues to consume."),
+    concurrency: int = typer.Option(1, help="Worker processes."),
+) -> None:
+    """Run a Celery worker (same as `celery -A workers.celery_app worker -Q gpu`)."""
+    _setup("worker")
+    from workers.celery_app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q",
+            queues,
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+@app.command()
+def run() -> None:
+    """Embedded run: migrate, then start the listener and a worker as separate processes; Ctrl-C stops both.
+
+    A part that exits is restarted (with a pause), so a crash never leaves the service half up.
+    """
+    from db.migrate import upgrade
+
+    _setup("supervisor")
+    settings = get_settings()
+    upgrade(settings.effective_database_url)
+    registry = Registry(settings.models_dir)
+    promoted = registry.promoted_name()
+    console.print(f"[bold]cxr-triage[/bold] - {DEMO_DISCLAIMER}")
+    console.print(
+        f"  DICOM listener: AE title {settings.ae_title} on {settings.bind_address}:{settings.port}"
+    )
+    console.print(f"  database: {settings.effective_database_url}")
+    console.print(f"  broker: {settings.effective_broker_url}  spool: {settings.effective_spool_dir}")
+    console.print(f"  promoted model set: {promoted or 'none (instances wait as awaiting_model)'}")
+    commands = {
+        "listener": [sys.executable, "-m", "cxr_triage", "listener"],
+        "worker": [sys.executable, "-m", "cxr_triage", "worker"],
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {
+        name: subprocess.Popen(cmd) for name, cmd in commands.items()
+    }
+    stopping = False
+
+    def _stop(signum: int, _: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stopping:
+        time.sleep(0.5)
+        for name, proc in list(procs.items()):
+            if proc.poll() is not None and not stopping:
+                log.warning("supervisor.restart", part=name, exit_code=proc.returncode)
+                time.sleep(2)
+                procs[name] = subprocess.Popen(commands[name])
+    for proc in procs.values():
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@app.command()
+def status(limit: int = typer.Option(20, help="Most recent instances to list.")) -> None:
+    """Counts per status and the most recent instances (no patient data)."""
+    from sqlalchemy import select
+
+    from db.models import Instance
+    from db.repo import status_counts
+    from db.session import session_scope
+
+    settings = get_settings()
+    with session_scope(settings.effective_database_url) as session:
+        counts = status_counts(session)
+        rows = session.scalars(select(Instance).order_by(Instance.id.desc()).limit(limit)).all()
+        table = Table("id", "SOP Instance UID", "modality", "status", "reason / label")
+        for row in rows:
+            table.add_row(
+                str(row.id), row.sop_instance_uid, row.modality or "", row.status, row.status_reason or ""
+            )
+    console.print(json.dumps(counts, sort_keys=True))
+    console.print(table)
+
+
+@app.command("outbox")
+def outbox_flush() -> None:
+    """Send every instance that is due (never queued, stale, or awaiting a model that now exists)."""
+    from listener.dispatch import Dispatcher
+
+    _setup("outbox")
+    sent = Dispatcher(get_settings()).flush_outbox()
+    console.print(f"sent {sent}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Model versions and ensembles; the promoted one is marked."""
+    registry = Registry(get_settings().models_dir)
+    promoted = registry.promoted_name()
+    table = Table("version", "architecture", "size", "status", "device UID")
+    for version in registry.versions():
+        card = registry.card(version)
+        table.add_row(version, card.architecture, str(card.input_size), card.status, card.device_uid)
+    console.print(table)
+    for name in registry.ensembles():
+        spec = registry.ensemble(name)
+        mark = " (promoted)" if name == promoted else ""
+        console.print(f"ensemble {name}{mark}: {', '.join(spec.members)}")
+
+
+@models_app.command("show")
+def models_show(version: str) -> None:
+    """Print a model card."""
+    try:
+        card = Registry(get_settings().models_dir).card(version)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print_json(json.dumps(card.to_json()))
+
+
+@models_app.command("promote")
+def models_promote(ensemble: str, reason: str = typer.Option("promoted by hand", help="Why.")) -> None:
+    """Point the service at ensemble ENSEMBLE; running workers switch between tasks, no restart."""
+    try:
+        Registry(get_settings().models_dir).promote(ensemble, reason=reason)
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(f"promoted {ensemble}")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Re-promote the previously promoted ensemble."""
+    try:
+        name = Registry(get_settings().models_dir).rollback()
+    except RegistryError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    console.print(f"rolled back to {name}")
+
+
+def main() -> None:
+    """Console entry point; `cxr-triage training ...` loads the (heavier) training package on demand."""
+    if len(sys.argv) > 1 and sys.argv[1] == "training":
+        from training.cli import app as training_app
+
+        app.add_typer(training_app, name="training", help="Dataset, training, evaluation, promotion gate.")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+__all__ = ["Path", "app", "main"]

@@ -1,0 +1,70 @@
+"""Structured JSON logs (structlog) with correlation fields and a guard that drops patient identifiers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys that must never reach a log line, whatever a caller passes (PHI: PS3.15 Annex E basic profile subset).
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patientname",
+        "patient_id",
+        "patientid",
+        "patient_birth_date",
+        "patientbirthdate",
+        "birth_date",
+        "other_patient_ids",
+        "patient_address",
+    }
+)
+
+
+def _drop_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if key.lower().replace("-", "_") in PHI_KEYS:
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure_logging(*, level: str = "INFO", fmt: str = "json", component: str = "cxr-triage") -> None:
+    """Configure structlog and the stdlib root logger once per process; logs go to stderr."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_phi,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(component=component)
+    # Libraries (pynetdicom, celery, kombu) log through the stdlib: render them as JSON too, at WARNING and above
+    # by default so that pynetdicom's per-PDU chatter (which can include patient names) stays out.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def get_logger(name: str | None = None) -> Any:
+    """A structlog logger; bind correlation fields with `.bind(sop_instance_uid=...)`."""
+    return structlog.get_logger(name)

@@ -1,0 +1,209 @@
+"""The model registry on disk: versioned weights with model cards, named ensembles and a `promoted` pointer.
+
+Layout under `models_dir`:
+    versions/<version>/card.json, model.safetensors (and the evaluation report, written by training/)
+    ensembles/<name>.json        {"name", "members": [version, ...], "created_at", "note"}
+    promoted.json                {"ensemble": name, "promoted_at", "history": [...]}
+Pointer updates are atomic (temporary file + rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cxr_triage.labels import CLASS_LABELS
+from cxr_triage.pixels import PREPROCESSING_VERSION
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+PROMOTED_FILE = "promoted.json"
+
+
+class RegistryError(Exception):
+    """The registry is missing something or holds something inconsistent (the message says what)."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to `path` via a temporary file in the same directory, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a trained model is, what it expects and how it was made; valid once built."""
+
+    version: str
+    architecture: str
+    device_uid: str
+    input_size: int = 224
+    classes: tuple[str, ...] = CLASS_LABELS
+    preprocessing_version: str = PREPROCESSING_VERSION
+    created_at: str = field(default_factory=_now)
+    not_for_clinical_use: bool = True
+    status: str = "candidate"
+    data_manifest_sha256: str = ""
+    code_revision: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from cxr_triage.uids import is_valid_uid
+
+        if not self.version or "/" in self.version or self.version.startswith("."):
+            raise ValueError(f"invalid model version {self.version!r}")
+        if not is_valid_uid(self.device_uid):
+            raise ValueError(f"device_uid must be a DICOM UID, got {self.device_uid!r}")
+        if tuple(self.classes) != CLASS_LABELS:
+            raise ValueError(f"model classes {self.classes} differ from {CLASS_LABELS}")
+        if self.status not in ("candidate", "promoted", "rejected", "retired"):
+            raise ValueError(f"invalid status {self.status!r}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size too small: {self.input_size}")
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> ModelCard:
+        known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
+        known["classes"] = tuple(known.get("classes", CLASS_LABELS))
+        return cls(**known)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["classes"] = list(self.classes)
+        return out
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A named set of model versions whose mean probability is the triage output."""
+
+    name: str
+    members: tuple[str, ...]
+    created_at: str = field(default_factory=_now)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"invalid ensemble name {self.name!r}")
+        if not self.members:
+            raise ValueError("an ensemble needs at least one member")
+
+
+class Registry:
+    """Read and write the registry under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # --- versions ------------------------------------------------------------------------------
+    def version_dir(self, version: str) -> Path:
+        return self.root / "versions" / version
+
+    def card(self, version: str) -> ModelCard:
+        path = self.version_dir(version) / CARD_FILE
+        if not path.is_file():
+            raise RegistryError(f"model version {version!r} has no card at {path}")
+        return ModelCard.from_json(json.loads(path.read_text()))
+
+    def weights(self, version: str) -> Path:
+        path = self.version_dir(version) / WEIGHTS_FILE
+        if not path.is_file():
+            raise RegistryError(f"model version {version!r} has no weights at {path}")
+        return path
+
+    def write_card(self, card: ModelCard) -> None:
+        write_json_atomic(self.version_dir(card.version) / CARD_FILE, card.to_json())
+
+    def versions(self) -> list[str]:
+        base = self.root / "versions"
+        return sorted(p.name for p in base.iterdir() if (p / CARD_FILE).is_file()) if base.is_dir() else []
+
+    # --- ensembles -----------------------------------------------------------------------------
+    def write_ensemble(self, spec: EnsembleSpec) -> None:
+        for member in spec.members:
+            self.card(member)
+            self.weights(member)
+        write_json_atomic(
+            self.root / "ensembles" / f"{spec.name}.json",
+            {
+                "name": spec.name,
+                "members": list(spec.members),
+                "created_at": spec.created_at,
+                "note": spec.note,
+            },
+        )
+
+    def ensemble(self, name: str) -> EnsembleSpec:
+        path = self.root / "ensembles" / f"{name}.json"
+        if not path.is_file():
+            raise RegistryError(f"no ensemble named {name!r} at {path}")
+        payload = json.loads(path.read_text())
+        return EnsembleSpec(
+            name=payload["name"],
+            members=tuple(payload["members"]),
+            created_at=payload.get("created_at", ""),
+            note=payload.get("note", ""),
+        )
+
+    def ensembles(self) -> list[str]:
+        base = self.root / "ensembles"
+        return sorted(p.stem for p in base.glob("*.json")) if base.is_dir() else []
+
+    # --- promotion -----------------------------------------------------------------------------
+    def _promoted_payload(self) -> dict[str, Any]:
+        path = self.root / PROMOTED_FILE
+        return json.loads(path.read_text()) if path.is_file() else {"ensemble": None, "history": []}
+
+    def promoted_name(self) -> str | None:
+        name = self._promoted_payload().get("ensemble")
+        return str(name) if name else None
+
+    def promoted(self) -> EnsembleSpec | None:
+        name = self.promoted_name()
+        return self.ensemble(name) if name else None
+
+    def promote(self, name: str, *, reason: str = "") -> None:
+        """Point `promoted` at ensemble `name` (which must exist); the previous one stays in the history."""
+        spec = self.ensemble(name)
+        for member in spec.members:
+            self.weights(member)
+        payload = self._promoted_payload()
+        history = list(payload.get("history", []))
+        history.append({"ensemble": name, "promoted_at": _now(), "reason": reason})
+        write_json_atomic(
+            self.root / PROMOTED_FILE, {"ensemble": name, "promoted_at": _now(), "history": history}
+        )
+
+    def rollback(self) -> str:
+        """Re-promote the ensemble promoted before the current one; returns its name."""
+        history = list(self._promoted_payload().get("history", []))
+        if len(history) < 2:
+            raise RegistryError("nothing to roll back to: fewer than two promotions in the history")
+        previous = history[-2]["ensemble"]
+        self.promote(previous, reason=f"rollback from {history[-1]['ensemble']}")
+        return str(previous)
+
+    def promoted_stamp(self) -> float:
+        """Modification time of the pointer (0 when absent): cheap to poll between tasks."""
+        path = self.root / PROMOTED_FILE
+        return path.stat().st_mtime_ns / 1e9 if path.is_file() else 0.0

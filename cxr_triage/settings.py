@@ -1,0 +1,134 @@
+"""All settings in one typed object, read from CXR_* environment variables (README: configuration table)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field maps to the environment variable CXR_<FIELD_NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=None, extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    home: Path = Field(
+        Path("var"), description="Base directory of the embedded defaults (spool, SQLite, broker)."
+    )
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file home/cxr-triage.sqlite3.")
+    spool_dir: Path | None = Field(
+        None, description="Where received instances are written; empty = home/spool."
+    )
+    models_dir: Path = Field(Path("models"), description="Model registry directory (weights + model cards).")
+
+    # --- broker --------------------------------------------------------------------------------
+    broker_url: str = Field(
+        "", description="Celery broker URL (redis://...); empty = filesystem broker in home."
+    )
+    visibility_timeout_s: int = Field(
+        3600, description="Redis visibility timeout (s); above the longest task."
+    )
+
+    # --- listener ------------------------------------------------------------------------------
+    ae_title: str = Field("CXRTRIAGE", description="Our AE title.")
+    bind_address: str = Field("127.0.0.1", description="Address the DICOM listener binds.")
+    port: int = Field(11112, description="DICOM listener port.")
+    allowed_calling_aets: CsvList = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate (comma-separated; empty = any).",
+    )
+    require_called_aet: bool = Field(
+        False, description="Reject associations whose called AE title is not ours."
+    )
+    max_associations: int = Field(10, description="Maximum simultaneous associations.")
+    max_pdu: int = Field(0, description="Maximum PDU size we receive (0 = unlimited).")
+    tls_cert: Path | None = Field(None, description="PEM certificate: enables DICOM TLS on the listener.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_ca: Path | None = Field(
+        None, description="CA bundle; when set, peers must present a client certificate."
+    )
+    outbox_interval_s: float = Field(
+        5.0, description="How often the listener's outbox re-sends unqueued work (s)."
+    )
+    requeue_after_s: float = Field(
+        900.0,
+        description="Re-send an instance queued or processing for longer than this (s): a lost message.",
+    )
+
+    # --- intake policy -------------------------------------------------------------------------
+    triage_modalities: CsvList = Field(
+        default_factory=lambda: ["CR", "DX"], description="Modalities triaged."
+    )
+    triage_body_parts: CsvList = Field(
+        default_factory=lambda: ["CHEST", "THORAX", "LUNG"],
+        description="BodyPartExamined values triaged (absent BodyPartExamined is triaged).",
+    )
+    triage_view_positions: CsvList = Field(
+        default_factory=lambda: ["PA", "AP"], description="ViewPosition values triaged (absent is triaged)."
+    )
+
+    # --- workers -------------------------------------------------------------------------------
+    device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
+    task_max_retries: int = Field(
+        5, description="Retries of a transient task error before the instance fails."
+    )
+    model_poll_s: float = Field(
+        5.0, description="How often a worker checks the registry for a new promoted set."
+    )
+
+    # --- logging -------------------------------------------------------------------------------
+    log_level: str = Field("INFO", description="Log level.")
+    log_format: str = Field("json", description="json or console.")
+
+    @field_validator(
+        "allowed_calling_aets",
+        "triage_body_parts",
+        "triage_view_positions",
+        "triage_modalities",
+        mode="before",
+    )
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().upper() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [str(part).strip().upper() for part in value]
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not 0 < len(value) <= 16 or "\\" in value:
+            raise ValueError(f"AE title must be 1-16 characters without backslash, got {value!r}")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'cxr-triage.sqlite3').resolve()}"
+
+    @property
+    def effective_spool_dir(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.home / "spool"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

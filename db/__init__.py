@@ -1,0 +1,1 @@
+"""Database layer: SQLAlchemy models, sessions, migrations and the queries the parts share."""

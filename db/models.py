@@ -1,0 +1,128 @@
+"""SQLAlchemy 2 models: studies, instances (with status history), predictions, model versions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class InstanceStatus:
+    """The life of an instance; terminal states are done, failed and skipped."""
+
+    RECEIVED = "received"  # durable on disk and in the database, not yet handed to the broker
+    QUEUED = "queued"  # the triage task was sent to the broker
+    PROCESSING = "processing"  # a worker holds it
+    AWAITING_MODEL = "awaiting_model"  # no promoted model set; re-sent when one is promoted
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # stored, but outside the intake policy (the reason says why)
+
+    ALL = (RECEIVED, QUEUED, PROCESSING, AWAITING_MODEL, DONE, FAILED, SKIPPED)
+    TERMINAL = (DONE, FAILED, SKIPPED)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    # Patient identifiers are stored for the authenticated worklist; they never go to logs.
+    patient_name: Mapped[str | None] = mapped_column(String(200))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(200))
+    requested_priority: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+    events: Mapped[list[InstanceEvent]] = relationship(
+        back_populates="instance", order_by="InstanceEvent.id", cascade="all, delete-orphan"
+    )
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="instance")
+
+
+class InstanceEvent(Base):
+    """One row per status change: the instance's history."""
+
+    __tablename__ = "instance_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="events")
+
+
+class ModelVersion(Base):
+    """A model version known to the service (mirrors the registry's model card)."""
+
+    __tablename__ = "model_versions"
+
+    version: Mapped[str] = mapped_column(String(100), primary_key=True)
+    architecture: Mapped[str] = mapped_column(String(100))
+    device_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    card: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    """The ensemble's output for one instance and one model set; unique per (instance, model set)."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("instance_id", "model_set", name="uq_prediction_instance_model_set"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    model_set: Mapped[str] = mapped_column(String(100))
+    model_versions: Mapped[list[str]] = mapped_column(JSON)
+    label: Mapped[str] = mapped_column(String(32))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    member_probabilities: Mapped[dict[str, dict[str, float]]] = mapped_column(JSON)
+    queue_wait_ms: Mapped[float | None] = mapped_column(Float)
+    decode_ms: Mapped[float] = mapped_column(Float)
+    inference_ms: Mapped[float] = mapped_column(Float)
+    not_for_clinical_use: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="predictions")

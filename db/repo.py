@@ -1,0 +1,196 @@
+"""The state transitions and queries shared by listener, workers and tools; each one is idempotent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import Instance, InstanceEvent, InstanceStatus, ModelVersion, Prediction, Study, utcnow
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the listener knows about an instance once it is durable on disk."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    transfer_syntax_uid: str
+    calling_aet: str | None
+    modality: str | None
+    body_part: str | None
+    view_position: str | None
+    path: str
+    size_bytes: int
+    sha256: str
+    status: str
+    status_reason: str | None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    requested_priority: str | None = None
+
+
+def _get_or_create_study(session: Session, rec: ReceivedInstance) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
+    if study is not None:
+        return study
+    study = Study(
+        study_instance_uid=rec.study_instance_uid,
+        accession_number=rec.accession_number,
+        patient_name=rec.patient_name,
+        patient_id=rec.patient_id,
+        study_date=rec.study_date,
+        study_description=rec.study_description,
+        requested_priority=rec.requested_priority,
+    )
+    try:
+        with session.begin_nested():
+            session.add(study)
+    except IntegrityError:  # a concurrent association created it
+        study = session.scalars(select(Study).where(Study.study_instance_uid == rec.study_instance_uid)).one()
+    return study
+
+
+def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, bool]:
+    """Insert the instance row (idempotent on SOP Instance UID). Returns (instance, created)."""
+    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid))
+    if existing is not None:
+        return existing, False
+    study = _get_or_create_study(session, rec)
+    instance = Instance(
+        sop_instance_uid=rec.sop_instance_uid,
+        sop_class_uid=rec.sop_class_uid,
+        series_instance_uid=rec.series_instance_uid,
+        study_id=study.id,
+        transfer_syntax_uid=rec.transfer_syntax_uid,
+        calling_aet=rec.calling_aet,
+        modality=rec.modality,
+        body_part=rec.body_part,
+        view_position=rec.view_position,
+        path=rec.path,
+        size_bytes=rec.size_bytes,
+        sha256=rec.sha256,
+        status=rec.status,
+        status_reason=rec.status_reason,
+    )
+    try:
+        with session.begin_nested():
+            session.add(instance)
+            session.flush()
+            session.add(InstanceEvent(instance_id=instance.id, status=rec.status, reason=rec.status_reason))
+    except IntegrityError:  # the same instance arrived concurrently on another association
+        other = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+        ).one()
+        return other, False
+    return instance, True
+
+
+def set_status(session: Session, instance: Instance, status: str, reason: str | None = None) -> None:
+    """Change the status and append to the history."""
+    if status not in InstanceStatus.ALL:
+        raise ValueError(f"unknown instance status {status!r}")
+    instance.status = status
+    instance.status_reason = reason
+    instance.updated_at = utcnow()
+    session.add(InstanceEvent(instance_id=instance.id, status=status, reason=reason))
+
+
+def mark_queued(session: Session, instance_id: int) -> None:
+    """After the broker accepted the task: received/awaiting -> queued; a re-sent stale one is only touched.
+
+    Never undoes a terminal state, and never moves `processing` back (a fast worker may already hold it).
+    """
+    instance = session.get(Instance, instance_id, with_for_update=True)
+    if instance is None or instance.status in InstanceStatus.TERMINAL:
+        return
+    if instance.status in (InstanceStatus.RECEIVED, InstanceStatus.AWAITING_MODEL):
+        set_status(session, instance, InstanceStatus.QUEUED)
+    instance.queued_at = utcnow()
+    instance.updated_at = utcnow()
+
+
+def claim(session: Session, instance_id: int) -> Instance | None:
+    """A worker takes the instance: returns None if it is already finished (a duplicate delivery)."""
+    instance = session.get(Instance, instance_id, with_for_update=True)
+    if instance is None or instance.status in InstanceStatus.TERMINAL:
+        return None
+    instance.attempts = (instance.attempts or 0) + 1
+    set_status(session, instance, InstanceStatus.PROCESSING, f"attempt {instance.attempts}")
+    return instance
+
+
+def save_prediction(session: Session, instance: Instance, **fields: Any) -> Prediction:
+    """Store the prediction (idempotent per instance and model set) and mark the instance done."""
+    model_set = fields["model_set"]
+    existing = session.scalar(
+        select(Prediction).where(Prediction.instance_id == instance.id, Prediction.model_set == model_set)
+    )
+    if existing is None:
+        existing = Prediction(instance_id=instance.id, **fields)
+        try:
+            with session.begin_nested():
+                session.add(existing)
+        except IntegrityError:
+            existing = session.scalars(
+                select(Prediction).where(
+                    Prediction.instance_id == instance.id, Prediction.model_set == model_set
+                )
+            ).one()
+    set_status(session, instance, InstanceStatus.DONE, f"label {fields['label']}")
+    return existing
+
+
+def dispatchable(
+    session: Session, *, stale_before: datetime, model_available: bool, limit: int = 500
+) -> list[int]:
+    """Instances the outbox must (re-)send: never queued, queued/processing too long, or awaiting a model."""
+    conditions = [
+        Instance.status == InstanceStatus.RECEIVED,
+        (Instance.status.in_((InstanceStatus.QUEUED, InstanceStatus.PROCESSING)))
+        & (Instance.updated_at < stale_before),
+    ]
+    if model_available:
+        conditions.append(Instance.status == InstanceStatus.AWAITING_MODEL)
+    rows = session.scalars(select(Instance.id).where(or_(*conditions)).order_by(Instance.id).limit(limit))
+    return list(rows)
+
+
+def touch(session: Session, instance_id: int) -> None:
+    """Refresh updated_at so the outbox sees a long-running instance as alive."""
+    session.execute(update(Instance).where(Instance.id == instance_id).values(updated_at=utcnow()))
+
+
+def stale_cutoff(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Instance.status, func.count()).group_by(Instance.status))
+    return {status: int(count) for status, count in rows}
+
+
+def upsert_model_version(session: Session, card: dict[str, Any], *, status: str) -> None:
+    row = session.get(ModelVersion, card["version"])
+    if row is None:
+        session.add(
+            ModelVersion(
+                version=card["version"],
+                architecture=card["architecture"],
+                device_uid=card["device_uid"],
+                status=status,
+                card=card,
+            )
+        )
+    else:
+        row.status = status
+        row.card = card

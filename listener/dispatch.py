@@ -1,0 +1,87 @@
+"""Hand instances to the broker, and the outbox loop that re-sends what could not be handed over."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from cxr_triage.logs import get_logger
+from cxr_triage.queue import send_triage
+from cxr_triage.registry import Registry
+from cxr_triage.settings import Settings
+from db import repo
+from db.models import Instance
+from db.session import session_scope
+
+log = get_logger(__name__)
+
+
+class Dispatcher:
+    """Sends triage tasks; after a broker failure it stops trying for `backoff_s` so C-STOREs stay fast."""
+
+    def __init__(self, settings: Settings, *, backoff_s: float = 5.0) -> None:
+        self.settings = settings
+        self.backoff_s = backoff_s
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def broker_suspended(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def dispatch(self, instance_id: int, *, sop_instance_uid: str) -> bool:
+        """True if the broker accepted the task (and the row is now queued); False leaves it for the outbox."""
+        if self.broker_suspended():
+            return False
+        try:
+            task_id = send_triage(self.settings, instance_id, sop_instance_uid=sop_instance_uid)
+        except Exception as exc:  # any broker failure: the row stays put and the outbox retries
+            with self._lock:
+                self._down_until = time.monotonic() + self.backoff_s
+            log.warning(
+                "queue.send_failed", sop_instance_uid=sop_instance_uid, error=f"{type(exc).__name__}: {exc}"
+            )
+            return False
+        with session_scope(self.settings.effective_database_url) as session:
+            repo.mark_queued(session, instance_id)
+        log.info("queue.sent", sop_instance_uid=sop_instance_uid, task_id=task_id)
+        return True
+
+    def flush_outbox(self) -> int:
+        """One pass of the outbox: (re-)send what is due. Returns how many were sent."""
+        registry = Registry(self.settings.models_dir)
+        with session_scope(self.settings.effective_database_url) as session:
+            ids = repo.dispatchable(
+                session,
+                stale_before=repo.stale_cutoff(self.settings.requeue_after_s),
+                model_available=registry.promoted_name() is not None,
+            )
+            pending = [(i, session.get(Instance, i).sop_instance_uid) for i in ids]  # type: ignore[union-attr]
+        self._down_until = 0.0  # the outbox always probes the broker
+        sent = 0
+        for instance_id, sop_uid in pending:
+            if not self.dispatch(instance_id, sop_instance_uid=sop_uid):
+                break
+            sent += 1
+        if pending:
+            log.info("outbox.flushed", due=len(pending), sent=sent)
+        return sent
+
+
+class Outbox(threading.Thread):
+    """Background loop in the listener: every `interval_s`, flush the outbox. Never dies on an error."""
+
+    def __init__(self, dispatcher: Dispatcher, interval_s: float) -> None:
+        super().__init__(name="outbox", daemon=True)
+        self.dispatcher = dispatcher
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.dispatcher.flush_outbox()
+            except Exception as exc:
+                log.warning("outbox.error", error=f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,243 @@
+"""Shared fixtures: real PostgreSQL and Redis databases, a tiny model registry, and service processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from cxr_triage.architectures import create_model, save_state
+from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOM_DIR = ROOT / "tests" / "data" / "dicom"
+STORESCU_CFG = ROOT / "deploy" / "dcmtk" / "storescu.cfg"
+PG_ADMIN_URL = os.environ.get("CXR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_HOST = os.environ.get("CXR_TEST_REDIS_HOST", "127.0.0.1")
+
+CHEST_FILES = (
+    "cr_chest_siim_jpeg_baseline_8bit.dcm",
+    "dx_chest_nih_cxr14_implicit_le_label-no-finding.dcm",
+    "cr_chest_mono1_j2k_lossy_RG1_J2KI.dcm",
+)
+NON_CHEST_FILES = (
+    "cr_hip_mono2_jpeg_extended_lossy_RG2_JPLY.dcm",
+    "cr_extremity_mono1_j2k_lossless_RG3_J2KR.dcm",
+    "cr_dental_mono1_jpeg_lossless_modality_lut_seq.dcm",
+    "cr_extremity_mono1_rle_RG3_RLE.dcm",
+)
+NOMETA_CHEST = "cr_chest_pa_mono1_implicit_nometa_CR-MONO1-10-chest.dcm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def make_tiny_registry(
+    root: Path, *, architectures: tuple[str, ...] = ("mobilenetv2_100",), size: int = 64
+) -> Registry:
+    """A registry with small random-weight models (real timm architectures) promoted as ensemble `test`."""
+    registry = Registry(root)
+    torch.manual_seed(0)
+    versions = []
+    for arch in architectures:
+        version = f"{arch}-test"
+        registry.version_dir(version).mkdir(parents=True, exist_ok=True)
+        save_state(create_model(arch), registry.version_dir(version) / "model.safetensors")
+        registry.write_card(
+            ModelCard(version=version, architecture=arch, device_uid=generate_uid(), input_size=size)
+        )
+        versions.append(version)
+    registry.write_ensemble(EnsembleSpec(name="test", members=tuple(versions)))
+    registry.promote("test", reason="test fixture")
+    return registry
+
+
+@pytest.fixture(scope="session")
+def tiny_registry_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    make_tiny_registry(root)
+    return root
+
+
+@pytest.fixture
+def tiny_registry(tiny_registry_template: Path, tmp_path: Path) -> Registry:
+    root = tmp_path / "models"
+    shutil.copytree(tiny_registry_template, root)
+    return Registry(root)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the real server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"cxr_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        from db.session import _factory
+
+        _factory.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis logical database on the real server, flushed before and after."""
+    import redis
+
+    db = 5 + (os.getpid() % 8)
+    client = redis.Redis(host=REDIS_HOST, port=6379, db=db)
+    client.flushdb()
+    try:
+        yield f"redis://{REDIS_HOST}:6379/{db}"
+    finally:
+        client.flushdb()
+
+
+class Service:
+    """Listener and worker processes with one environment; stopped at teardown."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = env
+        self.port = int(env["CXR_PORT"])
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.home)
+        self.procs.append(proc)
+        return proc
+
+    def start_listener(self) -> subprocess.Popen[bytes]:
+        proc = self._spawn("listener", [sys.executable, "-m", "cxr_triage", "listener"])
+        wait_for_port(self.port, proc=proc)
+        return proc
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        return self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.celery_app",
+                "worker",
+                "-Q",
+                "gpu",
+                "--pool",
+                "solo",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "WARNING",
+            ],
+        )
+
+    def storescu(
+        self, *files: Path, calling_aet: str = "STORESCU", extra: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        args = [
+            "/usr/bin/storescu",
+            "-aet",
+            calling_aet,
+            "-aec",
+            self.env["CXR_AE_TITLE"],
+            "-xf",
+            str(STORESCU_CFG),
+            "CXR",
+            *extra,
+            "127.0.0.1",
+            str(self.port),
+            *map(str, files),
+        ]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    services: list[Service] = []
+
+    def make(*, database_url: str, broker_url: str, models_dir: Path, **overrides: str) -> Service:
+        home = tmp_path / f"svc{len(services)}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+        env.update(
+            {
+                "CXR_HOME": str(home / "var"),
+                "CXR_DATABASE_URL": database_url,
+                "CXR_BROKER_URL": broker_url,
+                "CXR_MODELS_DIR": str(models_dir),
+                "CXR_PORT": str(free_port()),
+                "CXR_AE_TITLE": "CXRTRIAGE",
+                "CXR_OUTBOX_INTERVAL_S": "1",
+                "CXR_MODEL_POLL_S": "0.5",
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        env.update({f"CXR_{k.upper()}": v for k, v in overrides.items()})
+        service = Service(home, env)
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        service.stop()

@@ -1,0 +1,245 @@
+"""End to end on real peers: dcmtk storescu -> listener -> Redis -> Celery worker -> PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from cxr_triage.registry import Registry
+from db.models import Instance, InstanceStatus, Prediction
+from db.session import session_scope
+from tests.conftest import (
+    CHEST_FILES,
+    DICOM_DIR,
+    NON_CHEST_FILES,
+    free_port,
+    make_tiny_registry,
+    wait_for_port,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _instances(url: str) -> dict[str, tuple[str, str | None, int]]:
+    """sop uid -> (status, reason, number of predictions)."""
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(
+                Instance.sop_instance_uid, Instance.status, Instance.status_reason, func.count(Prediction.id)
+            )
+            .outerjoin(Prediction)
+            .group_by(Instance.id)
+        ).all()
+    return {sop: (status, reason, count) for sop, status, reason, count in rows}
+
+
+def _all_terminal(url: str, expected: int) -> bool:
+    rows = _instances(url)
+    return len(rows) == expected and all(status in InstanceStatus.TERMINAL for status, _, _ in rows.values())
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
+
+
+def _undecodable_chest(tmp_path: Path) -> Path:
+    """The real 12-bit JPEG Extended hip film, relabelled as a chest PA so that it reaches the decoder."""
+    ds = pydicom.dcmread(DICOM_DIR / "cr_hip_mono2_jpeg_extended_lossy_RG2_JPLY.dcm")
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = tmp_path / "chest_jpeg_extended_12bit.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_every_sample_gets_a_response_and_the_expected_outcome(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    service = service_factory(database_url=pg_url, broker_url=redis_url, models_dir=tiny_registry.root)
+    service.start_listener()
+    service.start_worker()
+    undecodable = _undecodable_chest(tmp_path)
+    files = [DICOM_DIR / f for f in (*CHEST_FILES, *NON_CHEST_FILES)] + [undecodable]
+
+    result = service.storescu(*files)
+    assert result.returncode == 0, result.stderr
+    assert "Store Failed" not in result.stderr
+    wait_until(lambda: _all_terminal(pg_url, len(files)), 180, "every instance to finish")
+
+    rows = _instances(pg_url)
+    for name in CHEST_FILES:
+        status, reason, predictions = rows[_sop_uid(DICOM_DIR / name)]
+        assert (status, predictions) == (InstanceStatus.DONE, 1), (name, reason)
+    for name in NON_CHEST_FILES:
+        status, reason, predictions = rows[_sop_uid(DICOM_DIR / name)]
+        assert status == InstanceStatus.SKIPPED and predictions == 0
+        assert reason and ("body part" in reason or "description names" in reason), reason
+    status, reason, predictions = rows[_sop_uid(undecodable)]
+    assert status == InstanceStatus.FAILED and predictions == 0
+    assert reason and "cannot decode pixel data (1.2.840.10008.1.2.4.51)" in reason
+
+    # A second identical send is a success and creates no new job or prediction.
+    again = service.storescu(*files)
+    assert again.returncode == 0 and "Store Failed" not in again.stderr
+    time.sleep(3)
+    assert _instances(pg_url) == rows
+
+    # Logs are JSON with correlation fields and never carry patient names or IDs.
+    logs = service.log_text()
+    assert '"sop_instance_uid"' in logs and '"event": "triage.done"' in logs
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for value in (str(ds.get("PatientName", "")), str(ds.get("PatientID", ""))):
+            if len(value) >= 4:
+                assert value not in logs, f"patient identifier of {path.name} leaked into the logs"
+
+
+def test_worker_killed_mid_task_loses_nothing(pg_url, redis_url, tmp_path, service_factory):
+    # A heavier model so that a task takes long enough to be killed inside it.
+    registry = make_tiny_registry(tmp_path / "models", architectures=("resnet152",), size=224)
+    service = service_factory(
+        database_url=pg_url,
+        broker_url=redis_url,
+        models_dir=registry.root,
+        visibility_timeout_s="8",
+        requeue_after_s="600",
+    )
+    service.start_listener()
+    worker = service.start_worker()
+    files = [DICOM_DIR / f for f in CHEST_FILES]
+    assert service.storescu(*files).returncode == 0
+
+    def processing() -> bool:
+        return any(s == InstanceStatus.PROCESSING for s, _, _ in _instances(pg_url).values())
+
+    wait_until(processing, 120, "a worker to start a task", interval=0.02)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+    assert any(s == InstanceStatus.PROCESSING for s, _, _ in _instances(pg_url).values())
+
+    service.start_worker()
+    wait_until(lambda: _all_terminal(pg_url, len(files)), 240, "the redelivered tasks to finish")
+    rows = _instances(pg_url)
+    assert sorted((s, n) for s, _, n in rows.values()) == [(InstanceStatus.DONE, 1)] * len(files)
+
+
+def test_broker_outage_does_not_fail_c_store_and_everything_is_triaged_after(
+    pg_url, tiny_registry, service_factory, tmp_path
+):
+    port = free_port()
+    broker_url = f"redis://127.0.0.1:{port}/0"
+    service = service_factory(database_url=pg_url, broker_url=broker_url, models_dir=tiny_registry.root)
+    service.start_listener()
+    files = [DICOM_DIR / f for f in CHEST_FILES]
+
+    result = service.storescu(*files)
+    assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stderr
+    rows = _instances(pg_url)
+    assert len(rows) == len(files)
+    assert {status for status, _, _ in rows.values()} == {InstanceStatus.RECEIVED}
+
+    redis_server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        service.start_worker()
+        wait_until(lambda: _all_terminal(pg_url, len(files)), 180, "triage after the broker came back")
+        assert sorted((s, n) for s, _, n in _instances(pg_url).values()) == [(InstanceStatus.DONE, 1)] * len(
+            files
+        )
+    finally:
+        redis_server.terminate()
+        redis_server.wait(timeout=10)
+
+
+def test_unknown_calling_ae_title_is_rejected(pg_url, redis_url, tiny_registry, service_factory):
+    service = service_factory(
+        database_url=pg_url,
+        broker_url=redis_url,
+        models_dir=tiny_registry.root,
+        allowed_calling_aets="MODALITY1",
+    )
+    service.start_listener()
+    echo = ["/usr/bin/echoscu", "-aec", "CXRTRIAGE", "127.0.0.1", str(service.port)]
+    rejected = subprocess.run([*echo[:1], "-aet", "INTRUDER", *echo[1:]], capture_output=True, text=True)
+    assert rejected.returncode != 0
+    assert "Association Rejected" in rejected.stderr
+    accepted = subprocess.run([*echo[:1], "-aet", "MODALITY1", *echo[1:]], capture_output=True, text=True)
+    assert accepted.returncode == 0, accepted.stderr
+    store = service.storescu(DICOM_DIR / CHEST_FILES[0], calling_aet="INTRUDER")
+    assert "Association Rejected" in store.stderr
+    assert _instances(pg_url) == {}
+
+
+def test_hostile_uid_is_refused_and_nothing_is_written_outside_the_spool(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+
+    service = service_factory(database_url=pg_url, broker_url=redis_url, models_dir=tiny_registry.root)
+    service.start_listener()
+    ds = pydicom.dcmread(DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm")
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.StudyInstanceUID = "../../../../escaped"
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", service.port, ae_title="CXRTRIAGE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0xC000
+    spool = Path(service.env["CXR_HOME"]) / "spool"
+    assert not list(spool.rglob("*.dcm"))
+    assert not list(Path(service.home).rglob("escaped*"))
+    assert not list(Path("/").glob("escaped*"))
+    assert _instances(pg_url) == {}
+
+
+def test_embedded_defaults_sqlite_and_filesystem_broker(tiny_registry, service_factory, tmp_path):
+    """The embedded run: no Redis or PostgreSQL, the same task code, via `cxr-triage run`."""
+    home = tmp_path / "embedded"
+    service = service_factory(database_url="", broker_url="", models_dir=tiny_registry.root)
+    service.env["CXR_HOME"] = str(home)
+    proc = service._spawn("run", [sys.executable, "-m", "cxr_triage", "run"])
+    wait_for_port(service.port, proc=proc, timeout=90)
+    echo = subprocess.run(
+        ["/usr/bin/echoscu", "-aec", "CXRTRIAGE", "127.0.0.1", str(service.port)],
+        capture_output=True,
+        text=True,
+    )
+    assert echo.returncode == 0, echo.stderr
+    files = [DICOM_DIR / f for f in (*CHEST_FILES, NON_CHEST_FILES[0])]
+    assert service.storescu(*files).returncode == 0
+    url = f"sqlite:///{(home / 'cxr-triage.sqlite3').resolve()}"
+    wait_until(lambda: _all_terminal(url, len(files)), 180, "embedded triage")
+    statuses = sorted(s for s, _, _ in _instances(url).values())
+    assert statuses == [InstanceStatus.DONE] * 3 + [InstanceStatus.SKIPPED]
+    assert Registry(tiny_registry.root).promoted_name() == "test"

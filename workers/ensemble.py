@@ -1,0 +1,133 @@
+"""The ensemble runner: loads the promoted model set once per process, reloads it on a new promotion."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cxr_triage.architectures import create_model, load_state
+from cxr_triage.labels import CLASS_LABELS
+from cxr_triage.logs import get_logger
+from cxr_triage.pixels import PREPROCESSING_VERSION
+from cxr_triage.registry import ModelCard, Registry
+
+log = get_logger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class Member:
+    card: ModelCard
+    model: nn.Module
+
+
+@dataclass(frozen=True)
+class EnsembleOutput:
+    label: str
+    probabilities: dict[str, float]
+    member_probabilities: dict[str, dict[str, float]]
+
+
+class Ensemble:
+    """A loaded model set. `predict` takes one (3, S, S) tensor per input size the members need."""
+
+    def __init__(self, name: str, members: list[Member], device: torch.device) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.name = name
+        self.members = members
+        self.device = device
+
+    @property
+    def versions(self) -> list[str]:
+        return [m.card.version for m in self.members]
+
+    @property
+    def input_sizes(self) -> set[int]:
+        return {m.card.input_size for m in self.members}
+
+    @property
+    def not_for_clinical_use(self) -> bool:
+        return any(m.card.not_for_clinical_use for m in self.members)
+
+    @torch.inference_mode()
+    def predict_batch(self, inputs: dict[int, torch.Tensor]) -> list[EnsembleOutput]:
+        """`inputs[size]` is an (N, 3, size, size) batch; returns one output per image (mean of softmaxes)."""
+        per_member: dict[str, torch.Tensor] = {}
+        for member in self.members:
+            batch = inputs[member.card.input_size].to(self.device)
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                logits = member.model(batch)
+            per_member[member.card.version] = torch.softmax(logits.float(), dim=1).cpu()
+        mean = torch.stack(list(per_member.values())).mean(dim=0)
+        outputs = []
+        for i in range(mean.shape[0]):
+            probs = {label: float(mean[i, j]) for j, label in enumerate(CLASS_LABELS)}
+            members = {
+                version: {label: float(p[i, j]) for j, label in enumerate(CLASS_LABELS)}
+                for version, p in per_member.items()
+            }
+            outputs.append(EnsembleOutput(CLASS_LABELS[int(mean[i].argmax())], probs, members))
+        return outputs
+
+
+def load_ensemble(registry: Registry, name: str, device: torch.device) -> Ensemble:
+    spec = registry.ensemble(name)
+    members = []
+    for version in spec.members:
+        card = registry.card(version)
+        if card.preprocessing_version != PREPROCESSING_VERSION:
+            raise ValueError(
+                f"model {version} expects preprocessing {card.preprocessing_version}, "
+                f"this code implements {PREPROCESSING_VERSION}"
+            )
+        model = load_state(create_model(card.architecture), registry.weights(version)).eval().to(device)
+        members.append(Member(card, model))
+    return Ensemble(name, members, device)
+
+
+class EnsembleProvider:
+    """Process-wide holder of the promoted ensemble; swaps it between tasks when promotion changes."""
+
+    def __init__(self, registry: Registry, *, device: str = "auto", poll_s: float = 5.0) -> None:
+        self.registry = registry
+        self.device = pick_device(device)
+        self.poll_s = poll_s
+        self._ensemble: Ensemble | None = None
+        self._stamp = -1.0
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def current(self) -> Ensemble | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._ensemble is not None and now - self._checked < self.poll_s:
+                return self._ensemble
+            self._checked = now
+            stamp = self.registry.promoted_stamp()
+            if stamp == self._stamp:
+                return self._ensemble
+            name = self.registry.promoted_name()
+            if name is None:
+                self._ensemble, self._stamp = None, stamp
+                return None
+            started = time.perf_counter()
+            self._ensemble = load_ensemble(self.registry, name, self.device)
+            self._stamp = stamp
+            log.info(
+                "ensemble.loaded",
+                model_set=name,
+                versions=self._ensemble.versions,
+                device=str(self.device),
+                ms=round((time.perf_counter() - started) * 1000),
+            )
+            return self._ensemble

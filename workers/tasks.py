@@ -1,0 +1,48 @@
+"""Celery tasks: thin shells around plain functions (workers/triage.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Task
+from sqlalchemy.exc import OperationalError
+
+from cxr_triage.queue import TRIAGE_TASK
+from cxr_triage.registry import Registry
+from cxr_triage.settings import get_settings
+from workers.celery_app import app
+from workers.ensemble import EnsembleProvider
+from workers.triage import triage_instance
+
+_provider: EnsembleProvider | None = None
+
+
+def provider() -> EnsembleProvider:
+    """The process's ensemble holder (models are loaded once per worker process, not per task)."""
+    global _provider
+    if _provider is None:
+        settings = get_settings()
+        _provider = EnsembleProvider(
+            Registry(settings.models_dir), device=settings.device, poll_s=settings.model_poll_s
+        )
+    return _provider
+
+
+@app.task(
+    bind=True,
+    name=TRIAGE_TASK,
+    autoretry_for=(OperationalError, ConnectionError, TimeoutError),
+    retry_backoff=2,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=get_settings().task_max_retries,
+)
+def triage(self: Task, instance_id: int, sop_instance_uid: str = "", **_: Any) -> str:
+    """Triage one instance (idempotent; safe to deliver twice)."""
+    structlog.contextvars.bind_contextvars(task_id=self.request.id, sop_instance_uid=sop_instance_uid)
+    try:
+        outcome = triage_instance(get_settings(), instance_id, provider())
+        return outcome.status
+    finally:
+        structlog.contextvars.unbind_contextvars("task_id", "sop_instance_uid")
