@@ -81,10 +81,10 @@ def read_dataset(path: Path) -> Dataset:
 def decode_dicom(ds: Dataset, size: int) -> DecodedImage:
     """Decode, apply Modality LUT and VOI (window, or min-max when absent), invert MONOCHROME1, resize.
 
-    Linear transforms (rescale slope/intercept, a linear window) are applied after the resize: resizing the raw
-    array first is ~5x cheaper on a 2500x2048 film and exact for the rescale; for the window only the clipping
-    at its edges differs (see tests/test_pixels.py for the measured difference). Table LUTs (Modality LUT
-    Sequence, VOI LUT Sequence) are applied on the full-size image.
+    Linear transforms (rescale slope/intercept, a linear window) are applied after the resize: exact for the
+    rescale, and for the window only the clipping inside a resized pixel differs (measured on a 1760x1760 CR:
+    mean |diff| 0.00002, max 0.0036 on [0, 1]; 3 ms instead of 26 ms; tests/test_pixels.py). Table LUTs
+    (Modality LUT Sequence, VOI LUT Sequence) are applied on the full-size image.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PixelDecodeError("no pixel data")

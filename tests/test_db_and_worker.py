@@ -1,0 +1,177 @@
+"""Schema, idempotent state transitions and the triage function, on SQLite and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from sqlalchemy import func, inspect, select
+
+from cxr_triage.logs import configure_logging, get_logger
+from cxr_triage.registry import EnsembleSpec, Registry, RegistryError
+from cxr_triage.settings import Settings
+from db import repo
+from db.migrate import downgrade, upgrade
+from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
+from db.session import engine_for, session_scope
+from workers.ensemble import EnsembleProvider
+from workers.triage import triage_instance
+from tests.conftest import DICOM_DIR, make_tiny_registry
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.sqlite3'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+def _received(sop: str, path: Path, status: str = InstanceStatus.RECEIVED) -> repo.ReceivedInstance:
+    return repo.ReceivedInstance(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_instance_uid="1.2.3.4",
+        series_instance_uid="1.2.3.4.5",
+        transfer_syntax_uid="1.2.840.10008.1.2.4.50",
+        calling_aet="MODALITY",
+        modality="CR",
+        body_part="CHEST",
+        view_position="PA",
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        sha256="0" * 64,
+        status=status,
+        status_reason=None,
+        patient_name="Doe^Jane",
+        patient_id="PID-123",
+    )
+
+
+def test_migrations_create_the_same_schema_and_downgrade(db_url: str) -> None:
+    upgrade(db_url)
+    upgrade(db_url)  # idempotent
+    tables = set(inspect(engine_for(db_url)).get_table_names())
+    assert {"studies", "instances", "instance_events", "predictions", "model_versions", "alembic_version"} <= tables
+    downgrade(db_url, "base")
+    assert set(inspect(engine_for(db_url)).get_table_names()) <= {"alembic_version"}
+
+
+def test_record_received_is_idempotent_on_sop_instance_uid(db_url: str) -> None:
+    upgrade(db_url)
+    path = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
+    with session_scope(db_url) as session:
+        first, created = repo.record_received(session, _received("1.2.3.4.5.6", path))
+        assert created
+    with session_scope(db_url) as session:
+        again, created_again = repo.record_received(session, _received("1.2.3.4.5.6", path))
+        assert not created_again and again.id == first.id
+        assert session.scalar(select(func.count()).select_from(Instance)) == 1
+        assert session.scalar(select(func.count()).select_from(InstanceEvent)) == 1
+
+
+def _settings(db_url: str, tmp_path: Path, models: Path) -> Settings:
+    return Settings(home=tmp_path / "var", database_url=db_url, models_dir=models)
+
+
+def test_triage_waits_for_a_model_then_runs_once_and_ignores_duplicates(db_url: str, tmp_path: Path) -> None:
+    upgrade(db_url)
+    models = tmp_path / "models"
+    settings = _settings(db_url, tmp_path, models)
+    path = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
+    with session_scope(db_url) as session:
+        instance, _ = repo.record_received(session, _received("1.2.3.4.5.7", path))
+        repo.mark_queued(session, instance.id)
+        instance_id = instance.id
+
+    provider = EnsembleProvider(Registry(models), device="cpu", poll_s=0)
+    assert triage_instance(settings, instance_id, provider).status == InstanceStatus.AWAITING_MODEL
+    with session_scope(db_url) as session:
+        due = repo.dispatchable(session, stale_before=repo.stale_cutoff(900), model_available=False)
+        assert instance_id not in due, "awaiting instances are not re-sent while no model is promoted"
+
+    make_tiny_registry(models)
+    with session_scope(db_url) as session:
+        due = repo.dispatchable(session, stale_before=repo.stale_cutoff(900), model_available=True)
+        assert instance_id in due, "promotion makes awaiting instances due again, without a resend from the PACS"
+        repo.mark_queued(session, instance_id)
+
+    outcome = triage_instance(settings, instance_id, provider)
+    assert outcome.status == InstanceStatus.DONE
+    assert triage_instance(settings, instance_id, provider).status == "duplicate"
+    with session_scope(db_url) as session:
+        predictions = session.scalars(select(Prediction)).all()
+        assert len(predictions) == 1
+        prediction = predictions[0]
+        assert prediction.label == outcome.detail
+        assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-5
+        assert list(prediction.member_probabilities) == ["mobilenetv2_100-test"]
+        assert prediction.decode_ms > 0 and prediction.inference_ms > 0 and prediction.queue_wait_ms is not None
+        history = [e.status for e in session.scalars(select(InstanceEvent).order_by(InstanceEvent.id))]
+        assert history == ["received", "queued", "processing", "awaiting_model", "queued", "processing", "done"]
+
+
+def test_stale_processing_instances_become_due_again(db_url: str) -> None:
+    upgrade(db_url)
+    path = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
+    with session_scope(db_url) as session:
+        instance, _ = repo.record_received(session, _received("1.2.3.4.5.8", path))
+        repo.mark_queued(session, instance.id)
+        repo.claim(session, instance.id)
+        instance_id = instance.id
+    with session_scope(db_url) as session:
+        assert instance_id not in repo.dispatchable(session, stale_before=repo.stale_cutoff(60), model_available=True)
+        future = repo.stale_cutoff(0) + timedelta(seconds=5)
+        assert instance_id in repo.dispatchable(session, stale_before=future, model_available=True)
+
+
+def test_worker_switches_to_a_newly_promoted_ensemble_without_restart(tmp_path: Path) -> None:
+    registry = make_tiny_registry(tmp_path / "models")
+    provider = EnsembleProvider(registry, device="cpu", poll_s=0)
+    first = provider.current()
+    assert first is not None and first.name == "test"
+    assert provider.current() is first, "no reload while promotion is unchanged"
+    registry.write_ensemble(EnsembleSpec(name="second", members=("mobilenetv2_100-test",)))
+    registry.promote("second")
+    second = provider.current()
+    assert second is not None and second.name == "second" and second is not first
+    assert registry.rollback() == "test"
+    rolled = provider.current()
+    assert rolled is not None and rolled.name == "test"
+
+
+def test_registry_refuses_unknown_ensembles_and_empty_rollback(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "models")
+    with pytest.raises(RegistryError, match="no ensemble named"):
+        registry.promote("missing")
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        registry.rollback()
+
+
+def test_logs_are_json_and_patient_identifiers_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(fmt="json", component="test")
+    get_logger("t").info("store.accepted", sop_instance_uid="1.2.3", patient_name="Doe^Jane", PatientID="PID-9")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    event = json.loads(line)
+    assert event["event"] == "store.accepted" and event["sop_instance_uid"] == "1.2.3"
+    assert "Doe^Jane" not in line and "PID-9" not in line
+    structlog.contextvars.clear_contextvars()
+
+
+def test_settings_read_lists_and_reject_bad_ae_titles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_ALLOWED_CALLING_AETS", "modality1, PACS ")
+    assert Settings().allowed_calling_aets == ["MODALITY1", "PACS"]
+    monkeypatch.setenv("CXR_AE_TITLE", "A" * 17)
+    with pytest.raises(ValueError, match="AE title"):
+        Settings()
+
+
+def test_sqlite_default_lives_under_home(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    assert settings.effective_database_url == f"sqlite:///{tmp_path.resolve() / 'cxr-triage.sqlite3'}"
+    assert settings.effective_broker_url == "filesystem://"
