@@ -19,9 +19,7 @@ from cxr_triage.logs import configure_logging, get_logger
 from cxr_triage.registry import Registry, RegistryError
 from cxr_triage.settings import get_settings
 
-app = typer.Typer(
-    help="cxr-triage: chest radiograph triage next to a PACS. Demo model: not for clinical use."
-)
+app = typer.Typer(help="cxr-triage: chest radiograph triage next to a PACS. Demo model: not for clinical use.")
 db_app = typer.Typer(help="Database schema.")
 models_app = typer.Typer(help="The model registry.")
 app.add_typer(db_app, name="db")
@@ -97,9 +95,7 @@ def run() -> None:
     registry = Registry(settings.models_dir)
     promoted = registry.promoted_name()
     console.print(f"[bold]cxr-triage[/bold] - {DEMO_DISCLAIMER}")
-    console.print(
-        f"  DICOM listener: AE title {settings.ae_title} on {settings.bind_address}:{settings.port}"
-    )
+    console.print(f"  DICOM listener: AE title {settings.ae_title} on {settings.bind_address}:{settings.port}")
     console.print(f"  database: {settings.effective_database_url}")
     console.print(f"  broker: {settings.effective_broker_url}  spool: {settings.effective_spool_dir}")
     console.print(f"  promoted model set: {promoted or 'none (instances wait as awaiting_model)'}")
@@ -107,9 +103,7 @@ def run() -> None:
         "listener": [sys.executable, "-m", "cxr_triage", "listener"],
         "worker": [sys.executable, "-m", "cxr_triage", "worker"],
     }
-    procs: dict[str, subprocess.Popen[bytes]] = {
-        name: subprocess.Popen(cmd) for name, cmd in commands.items()
-    }
+    procs: dict[str, subprocess.Popen[bytes]] = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
     stopping = False
 
     def _stop(signum: int, _: object) -> None:
@@ -149,11 +143,20 @@ def status(limit: int = typer.Option(20, help="Most recent instances to list."))
         rows = session.scalars(select(Instance).order_by(Instance.id.desc()).limit(limit)).all()
         table = Table("id", "SOP Instance UID", "modality", "status", "reason / label")
         for row in rows:
-            table.add_row(
-                str(row.id), row.sop_instance_uid, row.modality or "", row.status, row.status_reason or ""
-            )
+            table.add_row(str(row.id), row.sop_instance_uid, row.modality or "", row.status, row.status_reason or "")
     console.print(json.dumps(counts, sort_keys=True))
     console.print(table)
+
+
+@app.command()
+def health(listener: bool = typer.Option(True, help="Also C-ECHO the listener.")) -> None:
+    """Check database, broker, spool, promoted model and listener; prints JSON, exits 1 if any check fails."""
+    from cxr_triage.health import run_checks
+
+    checks = run_checks(get_settings(), listener=listener)
+    console.print_json(json.dumps({c.name: {"ok": c.ok, "detail": c.detail} for c in checks}))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 @app.command("outbox")

@@ -36,9 +36,7 @@ def resize_unit(image: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bilinear resize of a 2-D float tensor to size x size (the paper squashes, no crop)."""
     if image.shape == (size, size):
         return image
-    out = F.interpolate(
-        image[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
+    out = F.interpolate(image[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0, 0]
 
 
@@ -125,9 +123,7 @@ def decode_dicom(ds: Dataset, size: int) -> DecodedImage:
         image = _minmax(image)
     if photometric == "MONOCHROME1":
         image = 1.0 - image
-    return DecodedImage(
-        pixels=image.numpy().astype(np.float32), source_shape=source_shape, photometric=photometric
-    )
+    return DecodedImage(pixels=image.numpy().astype(np.float32), source_shape=source_shape, photometric=photometric)
 
 
 def decode_png(path: Path, size: int) -> DecodedImage:
@@ -140,9 +136,7 @@ def decode_png(path: Path, size: int) -> DecodedImage:
             arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
             image = torch.from_numpy(arr)
     source_shape = (int(image.shape[0]), int(image.shape[1]))
-    return DecodedImage(
-        pixels=resize_unit(image, size).numpy(), source_shape=source_shape, photometric="MONOCHROME2"
-    )
+    return DecodedImage(pixels=resize_unit(image, size).numpy(), source_shape=source_shape, photometric="MONOCHROME2")
 
 
 def load_image(path: Path, size: int) -> DecodedImage:

@@ -65,9 +65,7 @@ def producer(settings: Settings) -> Celery:
     return _producers[key]
 
 
-def send_triage(
-    settings: Settings, instance_id: int, *, sop_instance_uid: str, timeout_s: float = 3.0
-) -> str:
+def send_triage(settings: Settings, instance_id: int, *, sop_instance_uid: str, timeout_s: float = 3.0) -> str:
     """Send the triage task for `instance_id`; raises if the broker does not accept it within `timeout_s`."""
     app = producer(settings)
     result = app.send_task(

@@ -190,9 +190,7 @@ class Registry:
         payload = self._promoted_payload()
         history = list(payload.get("history", []))
         history.append({"ensemble": name, "promoted_at": _now(), "reason": reason})
-        write_json_atomic(
-            self.root / PROMOTED_FILE, {"ensemble": name, "promoted_at": _now(), "history": history}
-        )
+        write_json_atomic(self.root / PROMOTED_FILE, {"ensemble": name, "promoted_at": _now(), "history": history})
 
     def rollback(self) -> str:
         """Re-promote the ensemble promoted before the current one; returns its name."""

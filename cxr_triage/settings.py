@@ -18,22 +18,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXR_", env_file=None, extra="ignore")
 
     # --- storage -------------------------------------------------------------------------------
-    home: Path = Field(
-        Path("var"), description="Base directory of the embedded defaults (spool, SQLite, broker)."
-    )
+    home: Path = Field(Path("var"), description="Base directory of the embedded defaults (spool, SQLite, broker).")
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file home/cxr-triage.sqlite3.")
-    spool_dir: Path | None = Field(
-        None, description="Where received instances are written; empty = home/spool."
-    )
+    spool_dir: Path | None = Field(None, description="Where received instances are written; empty = home/spool.")
     models_dir: Path = Field(Path("models"), description="Model registry directory (weights + model cards).")
 
     # --- broker --------------------------------------------------------------------------------
-    broker_url: str = Field(
-        "", description="Celery broker URL (redis://...); empty = filesystem broker in home."
-    )
-    visibility_timeout_s: int = Field(
-        3600, description="Redis visibility timeout (s); above the longest task."
-    )
+    broker_url: str = Field("", description="Celery broker URL (redis://...); empty = filesystem broker in home.")
+    visibility_timeout_s: int = Field(3600, description="Redis visibility timeout (s); above the longest task.")
 
     # --- listener ------------------------------------------------------------------------------
     ae_title: str = Field("CXRTRIAGE", description="Our AE title.")
@@ -43,28 +35,20 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Calling AE titles allowed to associate (comma-separated; empty = any).",
     )
-    require_called_aet: bool = Field(
-        False, description="Reject associations whose called AE title is not ours."
-    )
+    require_called_aet: bool = Field(False, description="Reject associations whose called AE title is not ours.")
     max_associations: int = Field(10, description="Maximum simultaneous associations.")
     max_pdu: int = Field(0, description="Maximum PDU size we receive (0 = unlimited).")
     tls_cert: Path | None = Field(None, description="PEM certificate: enables DICOM TLS on the listener.")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
-    tls_ca: Path | None = Field(
-        None, description="CA bundle; when set, peers must present a client certificate."
-    )
-    outbox_interval_s: float = Field(
-        5.0, description="How often the listener's outbox re-sends unqueued work (s)."
-    )
+    tls_ca: Path | None = Field(None, description="CA bundle; when set, peers must present a client certificate.")
+    outbox_interval_s: float = Field(5.0, description="How often the listener's outbox re-sends unqueued work (s).")
     requeue_after_s: float = Field(
         900.0,
         description="Re-send an instance queued or processing for longer than this (s): a lost message.",
     )
 
     # --- intake policy -------------------------------------------------------------------------
-    triage_modalities: CsvList = Field(
-        default_factory=lambda: ["CR", "DX"], description="Modalities triaged."
-    )
+    triage_modalities: CsvList = Field(default_factory=lambda: ["CR", "DX"], description="Modalities triaged.")
     triage_body_parts: CsvList = Field(
         default_factory=lambda: ["CHEST", "THORAX", "LUNG"],
         description="BodyPartExamined values triaged (absent BodyPartExamined is triaged).",
@@ -75,12 +59,8 @@ class Settings(BaseSettings):
 
     # --- workers -------------------------------------------------------------------------------
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
-    task_max_retries: int = Field(
-        5, description="Retries of a transient task error before the instance fails."
-    )
-    model_poll_s: float = Field(
-        5.0, description="How often a worker checks the registry for a new promoted set."
-    )
+    task_max_retries: int = Field(5, description="Retries of a transient task error before the instance fails.")
+    model_poll_s: float = Field(5.0, description="How often a worker checks the registry for a new promoted set.")
 
     # --- logging -------------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level.")

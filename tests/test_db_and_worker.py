@@ -175,3 +175,27 @@ def test_sqlite_default_lives_under_home(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     assert settings.effective_database_url == f"sqlite:///{tmp_path.resolve() / 'cxr-triage.sqlite3'}"
     assert settings.effective_broker_url == "filesystem://"
+
+
+def test_health_command_reports_each_part_and_fails_when_the_broker_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cxr_triage import settings as settings_module
+    from cxr_triage.cli import app
+
+    monkeypatch.setenv("CXR_HOME", str(tmp_path / "var"))
+    monkeypatch.setenv("CXR_MODELS_DIR", str(make_tiny_registry(tmp_path / "models").root))
+    settings_module.get_settings.cache_clear()
+    runner = CliRunner()
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    ok = runner.invoke(app, ["health", "--no-listener"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["model"]["detail"] == "test: mobilenetv2_100-test"
+    monkeypatch.setenv("CXR_BROKER_URL", "redis://127.0.0.1:1/0")
+    settings_module.get_settings.cache_clear()
+    down = runner.invoke(app, ["health", "--no-listener"])
+    assert down.exit_code == 1
+    assert json.loads(down.output)["broker"]["ok"] is False
+    settings_module.get_settings.cache_clear()

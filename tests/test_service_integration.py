@@ -33,9 +33,7 @@ def _instances(url: str) -> dict[str, tuple[str, str | None, int]]:
     """sop uid -> (status, reason, number of predictions)."""
     with session_scope(url) as session:
         rows = session.execute(
-            select(
-                Instance.sop_instance_uid, Instance.status, Instance.status_reason, func.count(Prediction.id)
-            )
+            select(Instance.sop_instance_uid, Instance.status, Instance.status_reason, func.count(Prediction.id))
             .outerjoin(Prediction)
             .group_by(Instance.id)
         ).all()
@@ -169,9 +167,7 @@ def test_broker_outage_does_not_fail_c_store_and_everything_is_triaged_after(
         wait_for_port(port)
         service.start_worker()
         wait_until(lambda: _all_terminal(pg_url, len(files)), 180, "triage after the broker came back")
-        assert sorted((s, n) for s, _, n in _instances(pg_url).values()) == [(InstanceStatus.DONE, 1)] * len(
-            files
-        )
+        assert sorted((s, n) for s, _, n in _instances(pg_url).values()) == [(InstanceStatus.DONE, 1)] * len(files)
     finally:
         redis_server.terminate()
         redis_server.wait(timeout=10)
@@ -243,3 +239,35 @@ def test_embedded_defaults_sqlite_and_filesystem_broker(tiny_registry, service_f
     statuses = sorted(s for s, _, _ in _instances(url).values())
     assert statuses == [InstanceStatus.DONE] * 3 + [InstanceStatus.SKIPPED]
     assert Registry(tiny_registry.root).promoted_name() == "test"
+
+
+def test_disk_and_database_errors_answer_out_of_resources_so_the_sender_retries(
+    pg_url, redis_url, tiny_registry, service_factory
+):
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import PG_ADMIN_URL
+
+    service = service_factory(database_url=pg_url, broker_url=redis_url, models_dir=tiny_registry.root)
+    service.start_listener()
+    first, second = DICOM_DIR / CHEST_FILES[0], DICOM_DIR / CHEST_FILES[1]
+
+    # Disk: the study's spool directory cannot be created (a file is in the way).
+    study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    spool = Path(service.env["CXR_HOME"]) / "spool"
+    (spool / study_uid).write_text("in the way")
+    result = service.storescu(first, extra=("-v",))
+    assert "Refused: OutOfResources" in result.stderr, result.stderr
+    assert _instances(pg_url) == {}
+    (spool / study_uid).unlink()
+    assert "Store Failed" not in service.storescu(first).stderr
+    assert list(_instances(pg_url)) == [_sop_uid(first)]
+
+    # Database: gone while the listener runs.
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE "{pg_url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    admin.dispose()
+    result = service.storescu(second, extra=("-v",))
+    assert "Refused: OutOfResources" in result.stderr, result.stderr
+    assert '"event": "store.db_failed"' in service.log_text()

@@ -1,0 +1,92 @@
+"""Health checks for hospital IT: database, broker, spool, promoted model set and the DICOM listener (C-ECHO)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+from cxr_triage.registry import Registry
+from cxr_triage.settings import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_database(settings: Settings) -> Check:
+    from sqlalchemy import text
+
+    from db.session import session_scope
+
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            revision = session.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return Check("database", True, f"schema revision {revision}")
+    except Exception as exc:
+        return Check("database", False, f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def check_broker(settings: Settings) -> Check:
+    from cxr_triage.queue import producer
+
+    try:
+        with producer(settings).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return Check("broker", True, settings.effective_broker_url.split("@")[-1])
+    except Exception as exc:
+        return Check("broker", False, f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def check_spool(settings: Settings) -> Check:
+    spool = settings.effective_spool_dir
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".health.") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        stat = os.statvfs(spool)
+        free_gb = stat.f_bavail * stat.f_frsize / 1e9
+        return Check("spool", free_gb > 1.0, f"{spool} writable, {free_gb:.1f} GB free")
+    except OSError as exc:
+        return Check("spool", False, f"{spool}: {exc}")
+
+
+def check_model(settings: Settings) -> Check:
+    try:
+        spec = Registry(settings.models_dir).promoted()
+    except Exception as exc:
+        return Check("model", False, f"{type(exc).__name__}: {exc}")
+    if spec is None:
+        return Check("model", False, "no promoted model set: instances wait as awaiting_model")
+    return Check("model", True, f"{spec.name}: {', '.join(spec.members)}")
+
+
+def check_listener(settings: Settings) -> Check:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="CXRHEALTH")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    host = "127.0.0.1" if settings.bind_address in ("0.0.0.0", "") else settings.bind_address
+    assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        return Check("listener", False, f"no association with {settings.ae_title}@{host}:{settings.port}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    ok = bool(status) and status.Status == 0
+    return Check("listener", ok, f"C-ECHO {settings.ae_title}@{host}:{settings.port}")
+
+
+def run_checks(settings: Settings, *, listener: bool = True) -> list[Check]:
+    checks = [check_database(settings), check_broker(settings), check_spool(settings), check_model(settings)]
+    if listener:
+        checks.append(check_listener(settings))
+    return checks
