@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,9 +18,9 @@ from db import repo
 from db.migrate import downgrade, upgrade
 from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
 from db.session import engine_for, session_scope
+from tests.conftest import DICOM_DIR, make_tiny_registry
 from workers.ensemble import EnsembleProvider
 from workers.triage import triage_instance
-from tests.conftest import DICOM_DIR, make_tiny_registry
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

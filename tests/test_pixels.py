@@ -28,7 +28,7 @@ def test_every_accepted_syntax_decodes_to_a_unit_image(name: str) -> None:
     image = load_image(DICOM_DIR / name, 96)
     assert image.pixels.shape == (96, 96)
     assert image.pixels.dtype == np.float32
-    assert 0.0 <= float(image.pixels.min()) and float(image.pixels.max()) <= 1.0
+    assert float(image.pixels.min()) >= 0.0 and float(image.pixels.max()) <= 1.0
     assert float(image.pixels.std()) > 0.05, "a blank image means the window or LUT went wrong"
 
 
