@@ -81,6 +81,12 @@ class Settings(BaseSettings):
             return [str(part).strip().upper() for part in value]
         return value
 
+    @field_validator("spool_dir", "tls_cert", "tls_key", "tls_ca", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        # `CXR_TLS_CERT=` must mean "no TLS", not Path(".").
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:

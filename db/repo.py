@@ -88,9 +88,7 @@ def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, 
             session.flush()
             session.add(InstanceEvent(instance_id=instance.id, status=rec.status, reason=rec.status_reason))
     except IntegrityError:  # the same instance arrived concurrently on another association
-        other = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-        ).one()
+        other = session.scalars(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)).one()
         return other, False
     return instance, True
 
@@ -142,17 +140,13 @@ def save_prediction(session: Session, instance: Instance, **fields: Any) -> Pred
                 session.add(existing)
         except IntegrityError:
             existing = session.scalars(
-                select(Prediction).where(
-                    Prediction.instance_id == instance.id, Prediction.model_set == model_set
-                )
+                select(Prediction).where(Prediction.instance_id == instance.id, Prediction.model_set == model_set)
             ).one()
     set_status(session, instance, InstanceStatus.DONE, f"label {fields['label']}")
     return existing
 
 
-def dispatchable(
-    session: Session, *, stale_before: datetime, model_available: bool, limit: int = 500
-) -> list[int]:
+def dispatchable(session: Session, *, stale_before: datetime, model_available: bool, limit: int = 500) -> list[int]:
     """Instances the outbox must (re-)send: never queued, queued/processing too long, or awaiting a model."""
     conditions = [
         Instance.status == InstanceStatus.RECEIVED,

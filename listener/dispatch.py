@@ -37,9 +37,7 @@ class Dispatcher:
         except Exception as exc:  # any broker failure: the row stays put and the outbox retries
             with self._lock:
                 self._down_until = time.monotonic() + self.backoff_s
-            log.warning(
-                "queue.send_failed", sop_instance_uid=sop_instance_uid, error=f"{type(exc).__name__}: {exc}"
-            )
+            log.warning("queue.send_failed", sop_instance_uid=sop_instance_uid, error=f"{type(exc).__name__}: {exc}")
             return False
         with session_scope(self.settings.effective_database_url) as session:
             repo.mark_queued(session, instance_id)

@@ -135,6 +135,4 @@ def set_tcp_nodelay(event: evt.Event) -> None:
 
 def log_association(event: evt.Event) -> None:
     requestor = event.assoc.requestor
-    log.info(
-        f"association.{event.event.name.lower()}", calling_aet=requestor.ae_title, peer=requestor.address
-    )
+    log.info(f"association.{event.event.name.lower()}", calling_aet=requestor.ae_title, peer=requestor.address)

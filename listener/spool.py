@@ -34,9 +34,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_instance(
-    spool_dir: Path, *, study_instance_uid: str, sop_instance_uid: str, data: bytes
-) -> SpooledFile:
+def write_instance(spool_dir: Path, *, study_instance_uid: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
     """Write `data` durably. A resend of an instance already on disk keeps the first copy (idempotent)."""
     target = spool_path(spool_dir, study_instance_uid=study_instance_uid, sop_instance_uid=sop_instance_uid)
     digest = hashlib.sha256(data).hexdigest()

@@ -77,9 +77,7 @@ def make_tiny_registry(
         version = f"{arch}-test"
         registry.version_dir(version).mkdir(parents=True, exist_ok=True)
         save_state(create_model(arch), registry.version_dir(version) / "model.safetensors")
-        registry.write_card(
-            ModelCard(version=version, architecture=arch, device_uid=generate_uid(), input_size=size)
-        )
+        registry.write_card(ModelCard(version=version, architecture=arch, device_uid=generate_uid(), input_size=size))
         versions.append(version)
     registry.write_ensemble(EnsembleSpec(name="test", members=tuple(versions)))
     registry.promote("test", reason="test fixture")

@@ -170,6 +170,13 @@ def test_settings_read_lists_and_reject_bad_ae_titles(monkeypatch: pytest.Monkey
         Settings()
 
 
+def test_empty_path_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_TLS_CERT", "")
+    monkeypatch.setenv("CXR_SPOOL_DIR", " ")
+    settings = Settings()
+    assert settings.tls_cert is None and settings.spool_dir is None
+
+
 def test_sqlite_default_lives_under_home(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     assert settings.effective_database_url == f"sqlite:///{tmp_path.resolve() / 'cxr-triage.sqlite3'}"

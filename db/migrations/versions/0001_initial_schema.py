@@ -42,9 +42,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("studies", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_studies_study_instance_uid"), ["study_instance_uid"], unique=True
-        )
+        batch_op.create_index(batch_op.f("ix_studies_study_instance_uid"), ["study_instance_uid"], unique=True)
 
     op.create_table(
         "instances",
