@@ -18,12 +18,18 @@ from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.logs import configure_logging, get_logger
 from cxr_triage.registry import Registry, RegistryError
 from cxr_triage.settings import get_settings
+from worklist.cli import serve as serve_api
+from worklist.cli import users_app
 
 app = typer.Typer(help="cxr-triage: chest radiograph triage next to a PACS. Demo model: not for clinical use.")
 db_app = typer.Typer(help="Database schema.")
 models_app = typer.Typer(help="The model registry.")
+sr_app = typer.Typer(help="Structured Reports we wrote.")
+app.add_typer(sr_app, name="sr")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(users_app, name="users")
+app.command("api")(serve_api)
 console = Console()
 log = get_logger(__name__)
 
@@ -99,9 +105,11 @@ def run() -> None:
     console.print(f"  database: {settings.effective_database_url}")
     console.print(f"  broker: {settings.effective_broker_url}  spool: {settings.effective_spool_dir}")
     console.print(f"  promoted model set: {promoted or 'none (instances wait as awaiting_model)'}")
+    console.print(f"  worklist page: http://{settings.api_host}:{settings.api_port}/ (users: cxr-triage users create)")
     commands = {
         "listener": [sys.executable, "-m", "cxr_triage", "listener"],
         "worker": [sys.executable, "-m", "cxr_triage", "worker"],
+        "api": [sys.executable, "-m", "cxr_triage", "api"],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
     stopping = False
@@ -213,6 +221,23 @@ def models_rollback() -> None:
     except RegistryError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console.print(f"rolled back to {name}")
+
+
+@sr_app.command("show")
+def sr_show(path: Path) -> None:
+    """Print a stored SR in plain words (finding, probabilities, algorithm, source image)."""
+    import pydicom
+
+    from workers.sr import describe_sr
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}") from exc
+    if ds.get("Modality") != "SR":
+        raise typer.BadParameter(f"{path} is not a Structured Report (Modality {ds.get('Modality')})")
+    for line in describe_sr(ds):
+        console.print(line, highlight=False)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -32,6 +33,14 @@ def _drop_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableM
     return event_dict
 
 
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any, **__: Any
+) -> None:
+    # Library warnings (pydicom, highdicom) quote attribute values, which can be patient names: log where and
+    # what kind of warning it was, never its text.
+    structlog.get_logger("warnings").warning("library.warning", category=category.__name__, at=f"{filename}:{lineno}")
+
+
 def configure_logging(*, level: str = "INFO", fmt: str = "json", component: str = "cxr-triage") -> None:
     """Configure structlog and the stdlib root logger once per process; logs go to stderr."""
     renderer: Any = (
@@ -50,6 +59,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", component: str 
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(component=component)
+    warnings.showwarning = _log_warning
     # Libraries (pynetdicom, celery, kombu) log through the stdlib: render them as JSON too, at WARNING and above
     # by default so that pynetdicom's per-PDU chatter (which can include patient names) stays out.
     handler = logging.StreamHandler(sys.stderr)

@@ -11,6 +11,7 @@ from cxr_triage.settings import Settings
 
 TRIAGE_TASK = "cxr_triage.triage"
 RETRAIN_TASK = "cxr_triage.retrain"
+SEND_RESULT_TASK = "cxr_triage.send_result"
 QUEUE_GPU = "gpu"
 QUEUE_CPU = "cpu"
 QUEUE_TRAINING = "training"
@@ -39,7 +40,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_timeout": 2.0,
         "task_queues": (Queue(QUEUE_GPU), Queue(QUEUE_CPU), Queue(QUEUE_TRAINING)),
         "task_default_queue": QUEUE_CPU,
-        "task_routes": {TRIAGE_TASK: {"queue": QUEUE_GPU}, RETRAIN_TASK: {"queue": QUEUE_TRAINING}},
+        "task_routes": {
+            TRIAGE_TASK: {"queue": QUEUE_GPU},
+            SEND_RESULT_TASK: {"queue": QUEUE_CPU},
+            RETRAIN_TASK: {"queue": QUEUE_TRAINING},
+        },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
@@ -80,5 +85,17 @@ def send_triage(settings: Settings, instance_id: int, *, sop_instance_uid: str, 
             "interval_step": timeout_s / 2,
             "interval_max": timeout_s,
         },
+    )
+    return str(result.id)
+
+
+def send_result(settings: Settings, result_id: int, *, timeout_s: float = 3.0) -> str:
+    """Send the delivery task of a result object to queue `cpu`."""
+    result = producer(settings).send_task(
+        SEND_RESULT_TASK,
+        args=[result_id],
+        queue=QUEUE_CPU,
+        retry=True,
+        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": timeout_s / 2, "interval_max": timeout_s},
     )
     return str(result.id)

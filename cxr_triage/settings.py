@@ -62,9 +62,40 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(5, description="Retries of a transient task error before the instance fails.")
     model_poll_s: float = Field(5.0, description="How often a worker checks the registry for a new promoted set.")
 
+    # --- results back to the PACS ------------------------------------------------------------
+    results_dir: Path | None = Field(None, description="Where SR and heatmap objects are kept; empty = home/results.")
+    results_heatmap: bool = Field(True, description="Also write a Grad-CAM heatmap Secondary Capture.")
+    results_destination_aet: str = Field("", description="AE title results are sent to; empty = keep them only.")
+    results_destination_host: str = Field("127.0.0.1", description="Host of the results destination (the PACS).")
+    results_destination_port: int = Field(104, description="Port of the results destination.")
+    results_destination_tls: bool = Field(False, description="Use TLS towards the results destination.")
+    results_tls_ca: Path | None = Field(None, description="CA bundle to verify the destination's TLS certificate.")
+    results_send_max_retries: int = Field(8, description="Retries of a failed send before it is marked failed.")
+    results_retry_base_s: float = Field(5.0, description="First retry delay (s); doubles each retry, capped at 1 h.")
+
     # --- logging -------------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level.")
     log_format: str = Field("json", description="json or console.")
+
+    # --- worklist ------------------------------------------------------------------------------
+    # The worklist API and page (worklist/) and its priority rules (worklist/priority.py).
+    api_host: str = Field("127.0.0.1", description="Address the worklist API and page bind.")
+    api_port: int = Field(8080, ge=1, le=65535, description="Port of the worklist API and page.")
+    stat_threshold: float = Field(
+        0.5, gt=0, le=1, description="STAT when the COVID-19 or Pneumonia probability is at least this."
+    )
+    routine_threshold: float = Field(
+        0.8, gt=0, le=1, description="Routine only when the No finding probability is at least this."
+    )
+    indeterminate_margin: float = Field(
+        0.05, ge=0, lt=1, description="A probability this close to a threshold is indeterminate (for a human)."
+    )
+    disagreement_threshold: float = Field(
+        0.5, gt=0, le=1, description="Indeterminate when ensemble members' probabilities for a class differ by this."
+    )
+    session_ttl_s: float = Field(43200.0, gt=0, description="Lifetime of a worklist login session (s).")
+    session_cookie_secure: bool = Field(False, description="Send the session cookie only over HTTPS.")
+    worklist_poll_s: float = Field(3.0, gt=0, description="How often the worklist page asks for new results (s).")
 
     @field_validator(
         "allowed_calling_aets",
@@ -81,7 +112,7 @@ class Settings(BaseSettings):
             return [str(part).strip().upper() for part in value]
         return value
 
-    @field_validator("spool_dir", "tls_cert", "tls_key", "tls_ca", mode="before")
+    @field_validator("spool_dir", "tls_cert", "tls_key", "tls_ca", "results_dir", "results_tls_ca", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
         # `CXR_TLS_CERT=` must mean "no TLS", not Path(".").
@@ -108,6 +139,10 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def effective_results_dir(self) -> Path:
+        return self.results_dir if self.results_dir is not None else self.home / "results"
 
     @property
     def broker_dir(self) -> Path:

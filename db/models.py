@@ -126,3 +126,52 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")
+
+
+class ResultStatus:
+    STORED = "stored"  # written to the results directory; no destination configured
+    PENDING = "pending"  # to be sent
+    QUEUED = "queued"  # the send task is with the broker
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retries exhausted; `last_error` says why
+
+
+class ResultObject(Base):
+    """A DICOM object we produced for an instance (SR or heatmap SC) and its delivery to the PACS."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" or "heatmap"
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    destination: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    attempts_log: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="result", order_by="DeliveryAttempt.id", cascade="all, delete-orphan"
+    )
+
+
+class DeliveryAttempt(Base):
+    """One C-STORE attempt of a result object: when, where, and the DIMSE status or the error."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(200))
+    dimse_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    result: Mapped[ResultObject] = relationship(back_populates="attempts_log")

@@ -10,7 +10,18 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Instance, InstanceEvent, InstanceStatus, ModelVersion, Prediction, Study, utcnow
+from db.models import (
+    DeliveryAttempt,
+    Instance,
+    InstanceEvent,
+    InstanceStatus,
+    ModelVersion,
+    Prediction,
+    ResultObject,
+    ResultStatus,
+    Study,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -188,3 +199,70 @@ def upsert_model_version(session: Session, card: dict[str, Any], *, status: str)
     else:
         row.status = status
         row.card = card
+
+
+def add_results(session: Session, rows: list[ResultObject]) -> list[int]:
+    """Store result objects of a prediction once (a repeated run for the same prediction adds nothing).
+
+    Returns the ids of the rows that still need delivery.
+    """
+    if rows:
+        exists = session.scalar(select(ResultObject.id).where(ResultObject.prediction_id == rows[0].prediction_id))
+        if exists is None:
+            session.add_all(rows)
+            session.flush()
+    if not rows:
+        return []
+    pending = session.scalars(
+        select(ResultObject.id).where(
+            ResultObject.prediction_id == rows[0].prediction_id, ResultObject.status == ResultStatus.PENDING
+        )
+    )
+    return list(pending)
+
+
+def record_delivery(
+    session: Session,
+    result_id: int,
+    *,
+    destination: str,
+    dimse_status: int | None,
+    error: str | None,
+    final: bool = False,
+) -> None:
+    """Record one send attempt; success marks the result delivered, a final failure marks it failed."""
+    row = session.get(ResultObject, result_id, with_for_update=True)
+    if row is None:
+        return
+    session.add(DeliveryAttempt(result_id=result_id, destination=destination, dimse_status=dimse_status, error=error))
+    row.attempts = (row.attempts or 0) + 1
+    row.last_error = error
+    if error is None:
+        row.status = ResultStatus.DELIVERED
+        row.delivered_at = utcnow()
+    elif final:
+        row.status = ResultStatus.FAILED
+
+
+def mark_result_queued(session: Session, result_id: int) -> None:
+    row = session.get(ResultObject, result_id, with_for_update=True)
+    if row is not None and row.status == ResultStatus.PENDING:
+        row.status = ResultStatus.QUEUED
+    if row is not None:
+        row.updated_at = utcnow()
+
+
+def results_to_send(session: Session, *, stale_before: datetime, limit: int = 500) -> list[int]:
+    """Result objects the outbox must (re-)send: never queued, or queued too long without an outcome."""
+    rows = session.scalars(
+        select(ResultObject.id)
+        .where(
+            or_(
+                ResultObject.status == ResultStatus.PENDING,
+                (ResultObject.status == ResultStatus.QUEUED) & (ResultObject.updated_at < stale_before),
+            )
+        )
+        .order_by(ResultObject.id)
+        .limit(limit)
+    )
+    return list(rows)

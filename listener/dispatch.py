@@ -6,7 +6,7 @@ import threading
 import time
 
 from cxr_triage.logs import get_logger
-from cxr_triage.queue import send_triage
+from cxr_triage.queue import send_result, send_triage
 from cxr_triage.registry import Registry
 from cxr_triage.settings import Settings
 from db import repo
@@ -62,6 +62,24 @@ class Dispatcher:
             sent += 1
         if pending:
             log.info("outbox.flushed", due=len(pending), sent=sent)
+        if sent == len(pending):
+            sent += self._flush_results()
+        return sent
+
+    def _flush_results(self) -> int:
+        """Result objects (SR, heatmap) whose delivery task never reached the broker, or went missing."""
+        with session_scope(self.settings.effective_database_url) as session:
+            due = repo.results_to_send(session, stale_before=repo.stale_cutoff(self.settings.requeue_after_s))
+        sent = 0
+        for result_id in due:
+            try:
+                send_result(self.settings, result_id)
+            except Exception as exc:
+                log.warning("queue.send_failed", result_id=result_id, error=f"{type(exc).__name__}: {exc}")
+                break
+            with session_scope(self.settings.effective_database_url) as session:
+                repo.mark_result_queued(session, result_id)
+            sent += 1
         return sent
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_triage.durable import write_durably
 from cxr_triage.uids import require_uid
 
 
@@ -26,14 +25,6 @@ def spool_path(spool_dir: Path, *, study_instance_uid: str, sop_instance_uid: st
     return spool_dir / study / f"{sop}.dcm"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_instance(spool_dir: Path, *, study_instance_uid: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
     """Write `data` durably. A resend of an instance already on disk keeps the first copy (idempotent)."""
     target = spool_path(spool_dir, study_instance_uid=study_instance_uid, sop_instance_uid=sop_instance_uid)
@@ -42,16 +33,5 @@ def write_instance(spool_dir: Path, *, study_instance_uid: str, sop_instance_uid
         with target.open("rb") as fh:
             existing = hashlib.file_digest(fh, "sha256").hexdigest()
         return SpooledFile(target, existing, target.stat().st_size, already_present=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".incoming.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_durably(target, data)
     return SpooledFile(target, digest, len(data), already_present=False)

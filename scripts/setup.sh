@@ -11,6 +11,8 @@ done
 if [ "${1:-}" = "--with-services" ]; then
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+  # headless Chromium for the worklist page's browser test (no browser download is possible)
+  { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
 fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -166,7 +166,7 @@ class Service:
                 "workers.celery_app",
                 "worker",
                 "-Q",
-                "gpu",
+                "gpu,cpu",
                 "--pool",
                 "solo",
                 "--without-gossip",

@@ -271,3 +271,111 @@ def test_disk_and_database_errors_answer_out_of_resources_so_the_sender_retries(
     result = service.storescu(second, extra=("-v",))
     assert "Refused: OutOfResources" in result.stderr, result.stderr
     assert '"event": "store.db_failed"' in service.log_text()
+
+
+def _orthanc(tmp_path: Path, service, *, dicom_port: int | None = None):
+    from tests.orthanc import Orthanc
+
+    return Orthanc(
+        tmp_path / "orthanc",
+        dicom_port=dicom_port or free_port(),
+        http_port=free_port(),
+        triage_aet="CXRTRIAGE",
+        triage_port=service.port,
+    )
+
+
+def _series_by_modality(orthanc, study_uid: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for series in orthanc.study_series(study_uid):
+        out.setdefault(series["MainDicomTags"].get("Modality", ""), []).extend(series["Instances"])
+    return out
+
+
+def test_orthanc_forwards_a_radiograph_and_receives_the_sr_and_heatmap(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    dicom_port = free_port()
+    service = service_factory(
+        database_url=pg_url,
+        broker_url=redis_url,
+        models_dir=tiny_registry.root,
+        results_destination_aet="ORTHANC",
+        results_destination_port=str(dicom_port),
+        results_retry_base_s="1",
+    )
+    service.start_listener()
+    service.start_worker()
+    orthanc = _orthanc(tmp_path, service, dicom_port=dicom_port)
+    orthanc.start()
+    try:
+        source = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
+        study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+        orthanc.post("/instances", source.read_bytes())  # the modality stores into the PACS; Lua auto-forwards
+
+        def arrived() -> bool:
+            found = _series_by_modality(orthanc, study_uid)
+            return bool(found.get("SR")) and bool(found.get("OT") or found.get("SC"))
+
+        wait_until(arrived, 180, "the SR and the heatmap to arrive in Orthanc", interval=1)
+        found = _series_by_modality(orthanc, study_uid)
+        sr_bytes = orthanc.get(f"/instances/{found['SR'][0]}/file")
+        sr = pydicom.dcmread(__import__("io").BytesIO(sr_bytes))
+        assert sr.StudyInstanceUID == study_uid
+        with session_scope(pg_url) as session:
+            from db.models import Prediction, ResultObject
+
+            label = session.scalars(select(Prediction.label)).one()
+            results = session.scalars(select(ResultObject)).all()
+            assert sorted(r.kind for r in results) == ["heatmap", "sr"]
+            assert all(r.status == "delivered" and r.delivered_at is not None for r in results)
+            for row in results:
+                check = subprocess.run(["dciodvfy", row.path], capture_output=True, text=True)
+                errors = [x for x in (check.stdout + check.stderr).splitlines() if x.startswith("Error")]
+                assert errors == [], (row.kind, errors)
+        from workers.sr import FINDING_CODES
+
+        code = FINDING_CODES[label]
+        dump = subprocess.run(["dsrdump", "-"], input=sr_bytes, capture_output=True).stdout.decode()
+        assert f'"Finding")=({code.value},{code.scheme_designator},' in dump
+    finally:
+        orthanc.stop()
+
+
+def test_results_are_retried_while_the_pacs_is_down_and_delivered_when_it_returns(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    dicom_port = free_port()
+    service = service_factory(
+        database_url=pg_url,
+        broker_url=redis_url,
+        models_dir=tiny_registry.root,
+        results_destination_aet="ORTHANC",
+        results_destination_port=str(dicom_port),
+        results_retry_base_s="1",
+        results_heatmap="false",
+    )
+    service.start_listener()
+    service.start_worker()
+    source = DICOM_DIR / "dx_chest_nih_cxr14_implicit_le_label-no-finding.dcm"
+    assert service.storescu(source).returncode == 0
+
+    from db.models import DeliveryAttempt, ResultObject
+
+    def failed_attempts() -> int:
+        with session_scope(pg_url) as session:
+            return len(session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.error.is_not(None))).all())
+
+    wait_until(lambda: failed_attempts() >= 2, 120, "two failed delivery attempts while the PACS is down")
+    orthanc = _orthanc(tmp_path, service, dicom_port=dicom_port)
+    orthanc.start()
+    try:
+        study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+        wait_until(lambda: bool(_series_by_modality(orthanc, study_uid).get("SR")), 120, "the SR after Orthanc started")
+        with session_scope(pg_url) as session:
+            row = session.scalars(select(ResultObject)).one()
+            assert row.status == "delivered" and row.attempts >= 3
+            statuses = [a.dimse_status for a in row.attempts_log]
+            assert statuses[-1] == 0 and all(a.error for a in row.attempts_log[:-1])
+    finally:
+        orthanc.stop()

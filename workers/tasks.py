@@ -8,9 +8,10 @@ import structlog
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from cxr_triage.queue import TRIAGE_TASK
+from cxr_triage.queue import SEND_RESULT_TASK, TRIAGE_TASK
 from cxr_triage.registry import Registry
 from cxr_triage.settings import get_settings
+from workers import results
 from workers.celery_app import app
 from workers.ensemble import EnsembleProvider
 from workers.triage import triage_instance
@@ -46,3 +47,15 @@ def triage(self: Task, instance_id: int, sop_instance_uid: str = "", **_: Any) -
         return outcome.status
     finally:
         structlog.contextvars.unbind_contextvars("task_id", "sop_instance_uid")
+
+
+@app.task(bind=True, name=SEND_RESULT_TASK, max_retries=None)
+def send_result(self: Task, result_id: int) -> str:
+    """Deliver one result object to the PACS; retried with exponential backoff, then recorded as failed."""
+    settings = get_settings()
+    attempt = self.request.retries + 1
+    outcome = results.deliver(settings, result_id, attempt=attempt)
+    if outcome.status == "retry":
+        countdown = min(settings.results_retry_base_s * 2**self.request.retries, 3600.0)
+        raise self.retry(countdown=countdown)
+    return outcome.status

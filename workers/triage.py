@@ -6,16 +6,20 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cxr_triage.logs import get_logger
 from cxr_triage.pixels import PixelDecodeError, decode_dicom, normalise, read_dataset
+from cxr_triage.queue import send_result
 from cxr_triage.settings import Settings
 from db import repo
 from db.models import Instance, InstanceStatus, utcnow
 from db.session import session_scope
+from workers import results
 from workers.ensemble import EnsembleProvider
+from worklist.priority import assign as assign_priority
 
 log = get_logger(__name__)
 
@@ -51,9 +55,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
     started = time.perf_counter()
     try:
         ds = read_dataset(path)
-        inputs = {
-            size: normalise(decode_dicom(ds, size).pixels)[None] for size in sorted(ensemble.input_sizes)
-        }
+        inputs = {size: normalise(decode_dicom(ds, size).pixels)[None] for size in sorted(ensemble.input_sizes)}
     except (PixelDecodeError, OSError) as exc:
         reason = str(exc)[:500]
         with session_scope(url) as session:
@@ -68,10 +70,20 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
     output = ensemble.predict_batch(inputs)[0]
     inference_ms = (time.perf_counter() - started) * 1000
 
+    started = time.perf_counter()
+    results_error = None
+    try:
+        objects = results.produce(settings, ds, ensemble, inputs, output)
+    except Exception as exc:  # the prediction stands even if a result object cannot be built
+        objects = []
+        results_error = f"{type(exc).__name__}: {exc}"[:300]
+        bound.error("results.build_failed", error=results_error)
+    results_ms = (time.perf_counter() - started) * 1000
+
     with session_scope(url) as session:
         inst = session.get(Instance, instance_id)
         assert inst is not None
-        repo.save_prediction(
+        prediction = repo.save_prediction(
             session,
             inst,
             model_set=ensemble.name,
@@ -84,6 +96,14 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
             inference_ms=inference_ms,
             not_for_clinical_use=ensemble.not_for_clinical_use,
         )
+        assign_priority(session, instance_id, settings)  # the worklist priority, in the same transaction
+        if results_error:
+            inst.status_reason = f"{inst.status_reason}; result objects not built: {results_error}"
+        result_ids = repo.add_results(
+            session, results.result_rows(settings, objects, instance_id=instance_id, prediction_id=prediction.id)
+        )
+    for result_id in result_ids:
+        _queue_delivery(settings, result_id, bound)
     bound.info(
         "triage.done",
         label=output.label,
@@ -91,8 +111,21 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
         decode_ms=round(decode_ms, 1),
         inference_ms=round(inference_ms, 1),
         queue_wait_ms=round(queue_wait_ms, 1) if queue_wait_ms is not None else None,
+        results_ms=round(results_ms, 1),
+        results=[obj.kind for obj in objects],
     )
     return TriageOutcome(InstanceStatus.DONE, output.label)
+
+
+def _queue_delivery(settings: Settings, result_id: int, bound: Any) -> None:
+    """Hand a pending result to queue `cpu`; if the broker is down the listener's outbox sends it later."""
+    try:
+        send_result(settings, result_id)
+    except Exception as exc:
+        bound.warning("results.queue_failed", result_id=result_id, error=f"{type(exc).__name__}: {exc}"[:200])
+        return
+    with session_scope(settings.effective_database_url) as session:
+        repo.mark_result_queued(session, result_id)
 
 
 def _aware(value: datetime) -> datetime:

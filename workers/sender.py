@@ -1,0 +1,78 @@
+"""Send result objects back to the PACS: a C-STORE SCU (optionally over TLS) that reports the DIMSE status."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+
+from cxr_triage.settings import Settings
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+    tls_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.ae_title) <= 16:
+            raise ValueError(f"destination AE title must be 1-16 characters, got {self.ae_title!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"invalid destination port {self.port}")
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Destination | None:
+        if not settings.results_destination_aet:
+            return None
+        return cls(
+            ae_title=settings.results_destination_aet,
+            host=settings.results_destination_host,
+            port=settings.results_destination_port,
+            tls=settings.results_destination_tls,
+            tls_ca=settings.results_tls_ca,
+        )
+
+
+class SendError(Exception):
+    """The destination could not be reached or refused the object (the message says which)."""
+
+    def __init__(self, message: str, *, dimse_status: int | None = None) -> None:
+        super().__init__(message)
+        self.dimse_status = dimse_status
+
+
+def c_store(destination: Destination, path: Path, *, calling_aet: str, timeout_s: float = 30.0) -> int:
+    """Send one DICOM file; returns the DIMSE status (0x0000) or raises SendError."""
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    tls_args = None
+    if destination.tls:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls_ca or "") or None)
+        tls_args = (context, destination.host)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    except OSError as exc:
+        raise SendError(f"cannot connect to {destination}: {exc}") from exc
+    if not assoc.is_established:
+        raise SendError(f"association with {destination} not established (rejected, aborted or unreachable)")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    if not status:
+        raise SendError(f"no C-STORE response from {destination} (timeout or abort)")
+    code = int(status.Status)
+    if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:  # B0xx: warnings, the object was stored
+        raise SendError(f"{destination} answered 0x{code:04X}", dimse_status=code)
+    return code

@@ -1,0 +1,1 @@
+"""The radiologists' worklist: priority rules, the API and the live page (FastAPI)."""

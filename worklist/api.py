@@ -1,0 +1,139 @@
+"""The JSON API: login, the worklist, one study, read state and the user's priority (all but login need a user)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cxr_triage.logs import get_logger
+from db.models import Study, utcnow
+from db.session import session_scope
+from worklist import priority as rules
+from worklist.auth import AuthUser, authenticate, issue_token, revoke_token
+from worklist.deps import current_user, database_url, get_settings, request_token
+from worklist.queries import Filters, list_worklist, study_detail
+from worklist.schemas import (
+    UID_PATTERN,
+    Label,
+    LoginRequest,
+    Me,
+    Priority,
+    ReadState,
+    StudyDetail,
+    StudyStatus,
+    TokenResponse,
+    UserPriority,
+    WorklistPage,
+)
+
+log = get_logger(__name__)
+router = APIRouter(prefix="/api", tags=["worklist"])
+StudyUID = Annotated[str, Path(pattern=UID_PATTERN, description="Study Instance UID.")]
+Responses = dict[int | str, dict[str, Any]]
+UNAUTHORIZED: Responses = {401: {"description": "No valid token or session: nothing else is returned."}}
+NOT_FOUND: Responses = {404: {"description": "No such study."}}
+BAD_BODY: Responses = {400: {"description": "The body could not be parsed."}}
+
+
+WRONG_PASSWORD: Responses = {401: {"description": "Wrong username or password."}, **BAD_BODY}
+
+
+@router.post("/login", operation_id="login", responses=WRONG_PASSWORD)
+def login(body: LoginRequest, request: Request) -> TokenResponse:
+    """Exchange a username and password for a bearer token (a session that expires)."""
+    ttl = get_settings(request).session_ttl_s
+    with session_scope(database_url(request)) as session:
+        user = authenticate(session, body.username, body.password)
+        if user is None:
+            log.info("auth.login_failed")
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
+        token = issue_token(session, user.id, kind="session", ttl_s=ttl)
+    log.info("auth.login", user_id=user.id)
+    return TokenResponse(token=token, expires_at=utcnow() + timedelta(seconds=ttl))
+
+
+@router.post("/logout", operation_id="logout", status_code=204, responses=UNAUTHORIZED)
+def logout(
+    request: Request, user: AuthUser = Depends(current_user), token: str | None = Depends(request_token)
+) -> Response:
+    """Revoke the token or session used for this request."""
+    with session_scope(database_url(request)) as session:
+        revoke_token(session, token or "")
+    return Response(status_code=204)
+
+
+@router.get("/me", operation_id="me", responses=UNAUTHORIZED)
+def me(user: AuthUser = Depends(current_user)) -> Me:
+    return Me(username=user.username)
+
+
+@router.get("/worklist", operation_id="listWorklist", responses=UNAUTHORIZED)
+def worklist(
+    request: Request,
+    user: AuthUser = Depends(current_user),
+    status_: Annotated[StudyStatus | None, Query(alias="status")] = None,
+    priority: Priority | None = None,
+    label: Label | None = None,
+    read: bool | None = None,
+    since: Annotated[datetime | None, Query(description="Arrived at or after (ISO 8601).")] = None,
+    until: Annotated[datetime | None, Query(description="Arrived before (ISO 8601).")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> WorklistPage:
+    """Studies ordered by priority (most urgent first), then by arrival (longest waiting first)."""
+    filters = Filters(
+        status=status_, priority=priority, label=label, read=read, since=since, until=until, limit=limit, offset=offset
+    )
+    with session_scope(database_url(request)) as session:
+        return list_worklist(session, filters)
+
+
+@router.get("/studies/{study_instance_uid}", operation_id="getStudy", responses={**UNAUTHORIZED, **NOT_FOUND})
+def get_study(study_instance_uid: StudyUID, request: Request, user: AuthUser = Depends(current_user)) -> StudyDetail:
+    """One study: its instances, per-model scores, model versions, the rule that fired, SR/heatmap links."""
+    with session_scope(database_url(request)) as session:
+        detail = study_detail(session, study_instance_uid)
+    if detail is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
+    return detail
+
+
+@router.put(
+    "/studies/{study_instance_uid}/read", operation_id="setRead", responses={**UNAUTHORIZED, **NOT_FOUND, **BAD_BODY}
+)
+def set_read(
+    study_instance_uid: StudyUID, body: ReadState, request: Request, user: AuthUser = Depends(current_user)
+) -> StudyDetail:
+    """Mark the study read (by the signed-in user) or unread."""
+    with session_scope(database_url(request)) as session:
+        study = _study(session, study_instance_uid)
+        rules.set_read(session, study, body.read, user_id=user.id)
+    log.info("worklist.read", study_instance_uid=study_instance_uid, read=body.read, user_id=user.id)
+    return get_study(study_instance_uid, request, user)
+
+
+@router.put(
+    "/studies/{study_instance_uid}/priority",
+    operation_id="setPriority",
+    responses={**UNAUTHORIZED, **NOT_FOUND, **BAD_BODY},
+)
+def set_priority(
+    study_instance_uid: StudyUID, body: UserPriority, request: Request, user: AuthUser = Depends(current_user)
+) -> StudyDetail:
+    """Set (or clear with null) the user's priority: the effective priority never goes below it."""
+    with session_scope(database_url(request)) as session:
+        study = _study(session, study_instance_uid)
+        rules.set_user_priority(session, study, body.priority, user_id=user.id)
+    log.info("worklist.user_priority", study_instance_uid=study_instance_uid, priority=body.priority, user_id=user.id)
+    return get_study(study_instance_uid, request, user)
+
+
+def _study(session: Session, study_instance_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update())
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
+    return study

@@ -1,0 +1,85 @@
+"""The worklist application: JSON API, pages, static files, health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from cxr_triage.health import check_broker, check_database
+from cxr_triage.labels import DEMO_DISCLAIMER
+from cxr_triage.settings import Settings, get_settings
+from worklist import api, pages
+from worklist.metrics import DatabaseCollector
+from worklist.schemas import HealthReport
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+}
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="cxr-triage worklist",
+        version="1.0.0",
+        description=f"Chest radiograph triage worklist. {DEMO_DISCLAIMER} when `not_for_clinical_use` is true.",
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.settings = settings
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(settings.effective_database_url))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if not request.url.path.startswith("/static/"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.get("/healthz", tags=["operations"], operation_id="healthz")
+    def healthz() -> HealthReport:
+        """Liveness: the process answers."""
+        return HealthReport(ok=True, checks={})
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        operation_id="readyz",
+        response_model=HealthReport,
+        responses={503: {"model": HealthReport, "description": "Database or broker unreachable."}},
+    )
+    def readyz() -> Response:
+        """Readiness: the database (at a known schema revision) and the broker are reachable."""
+        checks = [check_database(settings), check_broker(settings)]
+        report = HealthReport(ok=all(c.ok for c in checks), checks={c.name: c.detail for c in checks})
+        return JSONResponse(report.model_dump(), status_code=200 if report.ok else 503)
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        operation_id="metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text."}},
+    )
+    def metrics() -> Response:
+        """Prometheus metrics: instances received, triaged, failed, queue depth, turnaround histogram."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+    return app

@@ -1,0 +1,131 @@
+"""The server-rendered pages: login, the live worklist and a study's detail (patient data only when signed in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Form, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+
+from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
+from cxr_triage.logs import get_logger
+from db.session import session_scope
+from worklist.auth import SESSION_COOKIE, AuthUser, authenticate, issue_token, revoke_token
+from worklist.deps import database_url, get_settings, optional_user, request_token
+from worklist.priority import PRIORITIES
+from worklist.queries import Filters, list_worklist, study_detail
+
+log = get_logger(__name__)
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+def person_name(value: str | None) -> str:
+    """A DICOM person name (Family^Given^Middle^Prefix^Suffix) as people read it: "Family, Given Middle"."""
+    if not value:
+        return "(no name)"
+    family, _, rest = value.partition("^")
+    given = " ".join(part for part in rest.split("^") if part)
+    return f"{family}, {given}" if family and given else family or given
+
+
+templates.env.filters["person_name"] = person_name
+FILTER_KEYS = ("status", "priority", "label", "read")
+
+
+def _context(request: Request, **values: Any) -> dict[str, Any]:
+    return {"labels": CLASS_LABELS, "priorities": PRIORITIES[::-1], "disclaimer_text": DEMO_DISCLAIMER, **values}
+
+
+def _login_page(request: Request, *, status_code: int, error: str | None = None) -> HTMLResponse:
+    target = request.url.path if request.url.path != "/login" else "/"
+    return templates.TemplateResponse(
+        request, "login.html", _context(request, error=error, next=target), status_code=status_code
+    )
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> HTMLResponse:
+    return _login_page(request, status_code=200)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login_submit(
+    request: Request,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    next: Annotated[str, Form(max_length=500)] = "/",
+) -> Response:
+    settings = get_settings(request)
+    with session_scope(database_url(request)) as session:
+        user = authenticate(session, username, password)
+        token = issue_token(session, user.id, kind="session", ttl_s=settings.session_ttl_s) if user else None
+    if token is None:
+        log.info("auth.login_failed")
+        return _login_page(request, status_code=401, error="Wrong username or password.")
+    target = next if next.startswith("/") and not urlsplit(next).netloc and not next.startswith("//") else "/"
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=int(settings.session_ttl_s),
+        httponly=True,
+        samesite="strict",
+        secure=settings.session_cookie_secure,
+    )
+    return response
+
+
+@router.post("/logout")
+def logout_submit(request: Request, token: str | None = Depends(request_token)) -> Response:
+    if token:
+        with session_scope(database_url(request)) as session:
+            revoke_token(session, token)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+@router.get("/", response_class=HTMLResponse)
+def worklist_page(request: Request, user: AuthUser | None = Depends(optional_user)) -> HTMLResponse:
+    """The worklist; an anonymous request gets 401 and the login form, no patient data."""
+    if user is None:
+        return _login_page(request, status_code=401)
+    params = request.query_params
+    filters = {key: params.get(key) or None for key in FILTER_KEYS}
+    read = {"true": True, "false": False}.get(filters["read"] or "")
+    with session_scope(database_url(request)) as session:
+        page = list_worklist(
+            session,
+            Filters(
+                status=filters["status"] if filters["status"] in ("pending", "done", "failed", "skipped") else None,
+                priority=filters["priority"] if filters["priority"] in PRIORITIES else None,
+                label=filters["label"] if filters["label"] in CLASS_LABELS else None,
+                read=read,
+                limit=100,
+            ),
+        )
+    return templates.TemplateResponse(
+        request,
+        "worklist.html",
+        _context(request, user=user, page=page, filters=filters, poll_s=get_settings(request).worklist_poll_s),
+    )
+
+
+@router.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
+def study_page(
+    study_instance_uid: str, request: Request, user: AuthUser | None = Depends(optional_user)
+) -> HTMLResponse:
+    if user is None:
+        return _login_page(request, status_code=401)
+    if len(study_instance_uid) > 64 or not all(c.isdigit() or c == "." for c in study_instance_uid):
+        detail = None
+    else:
+        with session_scope(database_url(request)) as session:
+            detail = study_detail(session, study_instance_uid)
+    if detail is None:
+        return templates.TemplateResponse(request, "missing.html", _context(request, user=user), status_code=404)
+    return templates.TemplateResponse(request, "study.html", _context(request, user=user, study=detail))

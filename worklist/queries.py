@@ -1,0 +1,234 @@
+"""Worklist queries: the ordered, filtered list of studies and one study with its instances and results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, func, select
+from sqlalchemy.orm import Session, aliased
+
+from cxr_triage.labels import DEMO_DISCLAIMER
+from db.models import Instance, InstanceStatus, Prediction, Study, utcnow
+from db.worklist_models import TriageResult, User, WorklistEntry
+from worklist.priority import DICOM_PRIORITIES, INDETERMINATE, PRIORITIES, RANK, ROUTINE, dicom_priority
+from worklist.schemas import InstanceDetail, PredictionDetail, StudyDetail, WorklistItem, WorklistPage
+
+PENDING = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.PROCESSING, InstanceStatus.AWAITING_MODEL)
+
+
+@dataclass(frozen=True)
+class Filters:
+    status: str | None = None
+    priority: str | None = None
+    label: str | None = None
+    read: bool | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 50
+    offset: int = 0
+
+
+def _counts() -> Any:
+    def n(statuses: tuple[str, ...]) -> Any:
+        return func.sum(case((Instance.status.in_(statuses), 1), else_=0))
+
+    return (
+        select(
+            Instance.study_id.label("study_id"),
+            func.count().label("n"),
+            n(PENDING).label("n_pending"),
+            n((InstanceStatus.FAILED,)).label("n_failed"),
+            n((InstanceStatus.DONE,)).label("n_done"),
+        )
+        .group_by(Instance.study_id)
+        .subquery()
+    )
+
+
+def _expressions(counts: Any) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    """(status, rank): a study without a result ranks by its DICOM priority; a failed triage is indeterminate."""
+    status = case(
+        (counts.c.n_pending > 0, "pending"),
+        (counts.c.n_failed > 0, "failed"),
+        (counts.c.n_done > 0, "done"),
+        else_="skipped",
+    )
+    requested = func.upper(func.trim(Study.requested_priority))
+    requested_rank = case(
+        *[(requested == word, RANK[priority]) for word, priority in DICOM_PRIORITIES.items()], else_=RANK[ROUTINE]
+    )
+    base = func.coalesce(WorklistEntry.rank, requested_rank)
+    rank = case((and_(counts.c.n_failed > 0, base < RANK[INDETERMINATE]), RANK[INDETERMINATE]), else_=base)
+    return status, rank
+
+
+def list_worklist(session: Session, filters: Filters) -> WorklistPage:
+    """Studies, most urgent first, then longest waiting; nothing is hidden unless a filter asks."""
+    counts = _counts()
+    status, rank = _expressions(counts)
+    reader = aliased(User)
+    query = (
+        select(Study, counts.c.n, status.label("status"), rank.label("rank"), WorklistEntry, TriageResult, Prediction)
+        .join(counts, counts.c.study_id == Study.id)
+        .outerjoin(WorklistEntry, WorklistEntry.study_id == Study.id)
+        .outerjoin(TriageResult, TriageResult.instance_id == WorklistEntry.deciding_instance_id)
+        .outerjoin(Prediction, Prediction.id == TriageResult.prediction_id)
+        .add_columns(reader.username)
+        .outerjoin(reader, reader.id == WorklistEntry.read_by)
+    )
+    conditions: list[ColumnElement[bool]] = []
+    if filters.status is not None:
+        conditions.append(status == filters.status)
+    if filters.priority is not None:
+        conditions.append(rank == RANK[filters.priority])
+    if filters.label is not None:
+        conditions.append(WorklistEntry.label == filters.label)
+    if filters.read is True:
+        conditions.append(WorklistEntry.read_at.is_not(None))
+    elif filters.read is False:
+        conditions.append(WorklistEntry.read_at.is_(None))
+    if filters.since is not None:
+        conditions.append(Study.created_at >= filters.since)
+    if filters.until is not None:
+        conditions.append(Study.created_at < filters.until)
+    if conditions:
+        query = query.where(*conditions)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.execute(
+        query.order_by(rank.desc(), Study.created_at, Study.id).limit(filters.limit).offset(filters.offset)
+    ).all()
+    items = [_item(*row) for row in rows]
+    demo = any(item.not_for_clinical_use for item in items)
+    return WorklistPage(
+        items=items,
+        total=total,
+        limit=filters.limit,
+        offset=filters.offset,
+        disclaimer=DEMO_DISCLAIMER if demo else None,
+    )
+
+
+def _item(
+    study: Study,
+    n: int,
+    status: str,
+    rank: int,
+    entry: WorklistEntry | None,
+    result: TriageResult | None,
+    prediction: Prediction | None,
+    reader: str | None,
+) -> WorklistItem:
+    arrived = _aware(study.created_at)
+    source: str
+    rule: str | None
+    if entry is not None and entry.rank == rank:
+        source, rule = entry.source, entry.rule
+    elif status == "failed" and rank == RANK[INDETERMINATE]:
+        source, rule = "failed", "indeterminate-triage-failed"
+    elif dicom_priority(study.requested_priority) is not None:
+        source, rule = "dicom", f"dicom-requested-{PRIORITIES[rank]}"
+    else:
+        source, rule = "none", None
+    return WorklistItem(
+        study_instance_uid=study.study_instance_uid,
+        accession_number=study.accession_number,
+        patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        study_description=study.study_description,
+        study_date=study.study_date,
+        arrived_at=arrived,
+        waiting_s=max(0.0, (utcnow() - arrived).total_seconds()),
+        status=status,  # type: ignore[arg-type]
+        instance_count=int(n),
+        priority=PRIORITIES[int(rank)],  # type: ignore[arg-type]
+        priority_rank=int(rank),
+        priority_source=source,
+        rule=rule,
+        ai_priority=entry.ai_priority if entry is not None else None,  # type: ignore[arg-type]
+        label=entry.label if entry is not None else None,
+        probabilities=prediction.probabilities if prediction is not None else None,
+        not_for_clinical_use=prediction.not_for_clinical_use if prediction is not None else None,
+        heatmap_url=result.heatmap_url if result is not None else None,
+        read=entry is not None and entry.read_at is not None,
+        read_at=_aware(entry.read_at) if entry is not None and entry.read_at is not None else None,
+        read_by=reader,
+    )
+
+
+def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | None:
+    page_row = _study_row(session, study_instance_uid)
+    if page_row is None:
+        return None
+    item, study, entry = page_row
+    instances = session.scalars(
+        select(Instance).where(Instance.study_id == study.id).order_by(Instance.received_at, Instance.id)
+    ).all()
+    details = []
+    for instance in instances:
+        prediction = session.scalars(
+            select(Prediction)
+            .where(Prediction.instance_id == instance.id)
+            .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        ).first()
+        result = session.scalar(select(TriageResult).where(TriageResult.instance_id == instance.id))
+        details.append(
+            InstanceDetail(
+                sop_instance_uid=instance.sop_instance_uid,
+                series_instance_uid=instance.series_instance_uid,
+                modality=instance.modality,
+                body_part=instance.body_part,
+                view_position=instance.view_position,
+                status=instance.status,
+                status_reason=instance.status_reason,
+                received_at=_aware(instance.received_at),
+                prediction=_prediction(instance, prediction, result) if prediction is not None else None,
+            )
+        )
+    return StudyDetail(
+        **item.model_dump(),
+        requested_priority=study.requested_priority,
+        user_priority=entry.user_priority if entry is not None else None,  # type: ignore[arg-type]
+        instances=details,
+    )
+
+
+def _study_row(session: Session, study_instance_uid: str) -> tuple[WorklistItem, Study, WorklistEntry | None] | None:
+    counts = _counts()
+    status, rank = _expressions(counts)
+    reader = aliased(User)
+    row = session.execute(
+        select(Study, counts.c.n, status, rank, WorklistEntry, TriageResult, Prediction, reader.username)
+        .join(counts, counts.c.study_id == Study.id)
+        .outerjoin(WorklistEntry, WorklistEntry.study_id == Study.id)
+        .outerjoin(TriageResult, TriageResult.instance_id == WorklistEntry.deciding_instance_id)
+        .outerjoin(Prediction, Prediction.id == TriageResult.prediction_id)
+        .outerjoin(reader, reader.id == WorklistEntry.read_by)
+        .where(Study.study_instance_uid == study_instance_uid)
+    ).first()
+    if row is None:
+        return None
+    return _item(*row), row[0], row[4]
+
+
+def _prediction(instance: Instance, prediction: Prediction, result: TriageResult | None) -> PredictionDetail:
+    return PredictionDetail(
+        label=prediction.label,
+        probabilities=prediction.probabilities,
+        member_probabilities=prediction.member_probabilities,
+        model_set=prediction.model_set,
+        model_versions=list(prediction.model_versions),
+        not_for_clinical_use=prediction.not_for_clinical_use,
+        created_at=_aware(prediction.created_at),
+        turnaround_s=(_aware(prediction.created_at) - _aware(instance.received_at)).total_seconds(),
+        priority=result.priority if result is not None else None,  # type: ignore[arg-type]
+        rule=result.rule if result is not None else None,
+        rule_detail=result.detail if result is not None else None,
+        sr_url=result.sr_url if result is not None else None,
+        heatmap_url=result.heatmap_url if result is not None else None,
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
