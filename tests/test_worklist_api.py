@@ -370,3 +370,32 @@ def test_worker_assigns_the_priority_in_the_prediction_transaction(settings: Set
         entry = session.scalars(select(WorklistEntry)).one()
         assert entry.ai_priority is not None and entry.rank >= 4, "HIGH from DICOM is kept or raised"
         assert entry.deciding_instance_id == instance_id
+
+
+def test_sr_and_heatmap_written_by_the_worker_are_linked_and_served(
+    settings: Settings, client: TestClient, tiny_registry
+) -> None:
+    from tests.conftest import DICOM_DIR
+    from workers.ensemble import EnsembleProvider
+    from workers.triage import triage_instance
+
+    uid = add_study(settings, status=InstanceStatus.QUEUED)
+    with session_scope(settings.effective_database_url) as session:
+        instance = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one().instances[0]
+        instance.path = str(DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm")
+        instance_id = instance.id
+    worker_settings = settings.model_copy(update={"models_dir": tiny_registry.root})
+    provider = EnsembleProvider(tiny_registry, device="cpu", poll_s=0)
+    assert triage_instance(worker_settings, instance_id, provider).status == InstanceStatus.DONE
+
+    detail = client.get(f"/api/studies/{uid}").json()
+    prediction = detail["instances"][0]["prediction"]
+    assert prediction["sr_url"].startswith("/api/results/") and prediction["heatmap_url"].endswith("/preview.png")
+    sr = client.get(prediction["sr_url"])
+    assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
+    assert b"DICM" in sr.content[:132]
+    preview = client.get(prediction["heatmap_url"])
+    assert preview.status_code == 200 and preview.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get("/api/results/1.2.3.4/preview.png").status_code == 404
+    with TestClient(create_app(settings)) as anonymous:
+        assert anonymous.get(prediction["sr_url"]).status_code == 401

@@ -20,6 +20,7 @@ from db.session import session_scope
 from workers import results
 from workers.ensemble import EnsembleProvider
 from worklist.priority import assign as assign_priority
+from worklist.priority import link_results
 
 log = get_logger(__name__)
 
@@ -102,6 +103,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
         result_ids = repo.add_results(
             session, results.result_rows(settings, objects, instance_id=instance_id, prediction_id=prediction.id)
         )
+        link_results(session, instance_id, {obj.kind: obj.sop_instance_uid for obj in objects})
     for result_id in result_ids:
         _queue_delivery(settings, result_id, bound)
     bound.info(

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxr_triage.logs import get_logger
-from db.models import Study, utcnow
+from db.models import ResultObject, Study, utcnow
 from db.session import session_scope
 from worklist import priority as rules
 from worklist.auth import AuthUser, authenticate, issue_token, revoke_token
@@ -130,6 +130,58 @@ def set_priority(
         rules.set_user_priority(session, study, body.priority, user_id=user.id)
     log.info("worklist.user_priority", study_instance_uid=study_instance_uid, priority=body.priority, user_id=user.id)
     return get_study(study_instance_uid, request, user)
+
+
+ResultUID = Annotated[str, Path(pattern=UID_PATTERN, description="SOP Instance UID of a result object.")]
+NO_RESULT: Responses = {404: {"description": "No such result object."}}
+
+
+def _result_path(request: Request, sop_instance_uid: str, *, kind: str | None = None) -> str:
+    with session_scope(database_url(request)) as session:
+        row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == sop_instance_uid))
+        if row is None or (kind is not None and row.kind != kind):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object")
+        return row.path
+
+
+@router.get(
+    "/results/{sop_instance_uid}",
+    operation_id="getResultObject",
+    responses={**UNAUTHORIZED, **NO_RESULT, 200: {"content": {"application/dicom": {}}}},
+    response_class=Response,
+)
+def result_object(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
+    """The DICOM file of a result object we wrote (SR or heatmap Secondary Capture)."""
+    path = _result_path(request, sop_instance_uid)
+    try:
+        data = open(path, "rb").read()  # noqa: SIM115
+    except OSError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object") from exc
+    headers = {"Content-Disposition": f'attachment; filename="{sop_instance_uid}.dcm"'}
+    return Response(data, media_type="application/dicom", headers=headers)
+
+
+@router.get(
+    "/results/{sop_instance_uid}/preview.png",
+    operation_id="getHeatmapPreview",
+    responses={**UNAUTHORIZED, **NO_RESULT, 200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
+def heatmap_preview(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
+    """The heatmap Secondary Capture as a PNG (for the worklist thumbnail and the detail view)."""
+    import io
+
+    import pydicom
+    from PIL import Image
+
+    path = _result_path(request, sop_instance_uid, kind="heatmap")
+    try:
+        pixels = pydicom.dcmread(path).pixel_array
+    except Exception as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object") from exc
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 def _study(session: Session, study_instance_uid: str) -> Study:

@@ -209,3 +209,14 @@ def set_read(session: Session, study: Study, read: bool, *, user_id: int) -> Wor
 
 def _slug(label: str) -> str:
     return label.lower().replace(" ", "-")
+
+
+def link_results(session: Session, instance_id: int, sop_instance_uids: dict[str, str]) -> None:
+    """Point the instance's worklist result at its SR and heatmap (served by /api/results/...)."""
+    result = session.scalar(select(TriageResult).where(TriageResult.instance_id == instance_id))
+    if result is None:
+        return
+    if "sr" in sop_instance_uids:
+        result.sr_url = f"/api/results/{sop_instance_uids['sr']}"
+    if "heatmap" in sop_instance_uids:
+        result.heatmap_url = f"/api/results/{sop_instance_uids['heatmap']}/preview.png"
