@@ -1,0 +1,1 @@
+"""Training, validation and registration of the triage CNNs (fastai + timm); demo models, not for clinical use."""

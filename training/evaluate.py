@@ -1,0 +1,278 @@
+"""Evaluate registered version(s) on a split through the inference pixel path; metrics, report and plots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxr_triage.architectures import create_model, load_state
+from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER, label_index
+from cxr_triage.pixels import model_input
+from cxr_triage.registry import Registry
+from training.dataset import read_split_manifest, sha256_file
+from training.metrics import reliability_bins, summarise
+
+PEDIATRIC_SOURCES = ("kermany_pediatric",)
+
+
+@torch.no_grad()
+def predict(
+    registry: Registry, versions: list[str], paths: list[str], *, batch_size: int = 32, threads: int = 2
+) -> np.ndarray:
+    """Mean softmax probability over `versions` for each file, (N, 3) in CLASS_LABELS order."""
+    torch.set_num_threads(threads)
+    total = np.zeros((len(paths), len(CLASS_LABELS)), dtype=np.float64)
+    for version in versions:
+        card = registry.card(version)
+        model = load_state(create_model(card.architecture), registry.weights(version)).eval()
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            x = torch.stack([model_input(Path(p), card.input_size) for p in chunk])
+            total[start : start + len(chunk)] += torch.softmax(model(x).float(), dim=1).double().numpy()
+    return total / len(versions)
+
+
+def subset_table(df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, column: str) -> dict[str, Any]:
+    """Metrics (no bootstrap) per value of `column`."""
+    return {
+        str(value): summarise(y[mask], probs[mask], df.loc[mask, "group"].to_numpy())
+        for value in sorted(df[column].unique())
+        for mask in [(df[column] == value).to_numpy()]
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _ci(boot: dict[str, Any] | None, key: str) -> str:
+    if not boot or not boot.get(key):
+        return "n/a"
+    lo, hi = boot[key]
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _summary_row(name: str, m: dict[str, Any]) -> str:
+    boot = m.get("bootstrap")
+    return (
+        f"| {name} | {m['n_images']} | {m['n_groups']} | {_fmt(m['accuracy'])} | {_ci(boot, 'accuracy_95ci')} | "
+        f"{_fmt(m['top2_accuracy'])} | {_fmt(m['macro_auroc'])} | {_ci(boot, 'macro_auroc_95ci')} | "
+        + " | ".join(_fmt(m["auroc"][c]) for c in CLASS_LABELS)
+        + " | "
+        + " | ".join(_fmt(m["per_class"][c]["recall"]) for c in CLASS_LABELS)
+        + f" | {_fmt(m['ece_10bins'])} |"
+    )
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    """The human-readable report (only numbers measured on the evaluated split)."""
+    head = (
+        "| subset | images | groups | accuracy | 95% CI | top-2 | macro AUROC | 95% CI | "
+        + " | ".join(f"AUROC {c}" for c in CLASS_LABELS)
+        + " | "
+        + " | ".join(f"recall {c}" for c in CLASS_LABELS)
+        + " | ECE |"
+    )
+    sep = "|---" * (10 + 2 * len(CLASS_LABELS) - 1) + "|"
+    o = result["overall"]
+    lines = [
+        f"# Evaluation report: {', '.join(result['versions'])}",
+        "",
+        f"**{DEMO_DISCLAIMER}**",
+        "",
+        f"- split: `{result['split']}` of `{result['split_manifest']}` (sha256 `{result['split_manifest_sha256']}`)",
+        "- models: "
+        + ", ".join(f"`{v}` ({a})" for v, a in zip(result["versions"], result["architectures"], strict=True))
+        + (" - ensemble = mean of probabilities" if len(result["versions"]) > 1 else ""),
+        "- inference path: `cxr_triage.pixels.model_input` (the same code the workers run)",
+        f"- 95% CIs: percentile bootstrap, {o.get('bootstrap', {}).get('n_boot', 0)} resamples of patient groups",
+        "- All numbers below were measured on this split only; groups (patients / near-duplicate groups) in it "
+        "were never used for training or checkpoint selection.",
+        "",
+        "## Summary",
+        "",
+        head,
+        sep,
+        _summary_row("all", o),
+        _summary_row("adult only (no kermany_pediatric)", result["adult_only"]),
+    ]
+    lines += [_summary_row(f"source = {s}", m) for s, m in result["per_source"].items()]
+    lines += [
+        "",
+        "## Per class (all images of the split)",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for c in CLASS_LABELS:
+        pc = o["per_class"][c]
+        lines.append(f"| {c} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | {_fmt(pc['f1'])} | {pc['support']} |")
+    lines += [
+        "",
+        "## Confusion matrix (rows = true, columns = predicted)",
+        "",
+        "| true \\ predicted | " + " | ".join(CLASS_LABELS) + " |",
+        "|---" * (len(CLASS_LABELS) + 1) + "|",
+    ]
+    for c, row in zip(CLASS_LABELS, o["confusion_matrix"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    lines += [
+        "",
+        f"Calibration: ECE (10 bins, top-1 confidence) {_fmt(o['ece_10bins'])}, multi-class Brier {_fmt(o['brier'])}.",
+        "",
+        "Plots: `confusion_matrix.png`, `roc_curves.png`, `reliability.png`.",
+        "",
+        "## Caveats",
+        "",
+        "- Source and label are confounded (every COVID-19 image is from Cohen/Actualmed/Figure1 web/paper figures;",
+        "  no NIH image is COVID-19; Kermany images are pediatric). High overall scores can come from recognising",
+        "  the source; read the per-source and adult-only rows. Within `nih_cxr14` only Pneumonia vs No finding",
+        "  is measured, and NIH labels are text-mined.",
+        "- The split is small; per-source cells can hold a handful of images, so their numbers are noisy.",
+        "- Macro AUROC averages the one-vs-rest AUROCs that are defined in the subset (a class absent from a",
+        "  subset has none).",
+        "",
+        f"**{DEMO_DISCLAIMER}**",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(out_dir: Path, y: np.ndarray, probs: np.ndarray, result: dict[str, Any]) -> None:
+    """confusion_matrix.png, roc_curves.png, reliability.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    title = f"{', '.join(result['versions'])} - {result['split']}\n{DEMO_DISCLAIMER}"
+    cm = np.array(result["overall"]["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "k")
+    ax.set_xticks(range(len(CLASS_LABELS)), CLASS_LABELS)
+    ax.set_yticks(range(len(CLASS_LABELS)), CLASS_LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c, name in enumerate(CLASS_LABELS):
+        pos = y == c
+        if 0 < pos.sum() < len(y):
+            fpr, tpr, _ = roc_curve(pos, probs[:, c])
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {result['overall']['auroc'][name]:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc_curves.png", dpi=110)
+    plt.close(fig)
+
+    bins = result["reliability_bins"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    accs = [b["accuracy"] if b["count"] else 0.0 for b in bins]
+    ax.bar(centers, accs, width=0.1, edgecolor="k", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
+    for cx, b in zip(centers, bins, strict=True):
+        if b["count"]:
+            ax.text(cx, 0.02, str(b["count"]), ha="center", fontsize=7)
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {result['overall']['ece_10bins']:.3f}", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "reliability.png", dpi=110)
+    plt.close(fig)
+
+
+def default_report_dir(registry: Registry, versions: list[str], split: str) -> Path:
+    """models/versions/<v>/report for one version (test split), else a folder under models/reports/."""
+    if len(versions) == 1:
+        return registry.version_dir(versions[0]) / ("report" if split == "test" else f"report-{split}")
+    key = hashlib.sha256("|".join(sorted(versions)).encode()).hexdigest()[:10]
+    return registry.root / "reports" / f"ensemble-{len(versions)}-{key}-{split}"
+
+
+def evaluate(
+    registry_dir: Path,
+    versions: list[str],
+    split_csv: Path,
+    *,
+    split: str = "test",
+    report_dir: Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threads: int = 2,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Predict `split`, compute metrics, write metrics.json / report.md / plots (and test summary in the card)."""
+    registry = Registry(registry_dir)
+    df = read_split_manifest(split_csv, split)
+    if df.empty:
+        raise ValueError(f"split {split!r} of {split_csv} is empty")
+    y = np.array([label_index(lab) for lab in df["label"]])
+    probs = predict(registry, versions, list(df["abs_path"]), batch_size=batch_size, threads=threads)
+    groups = df["group"].to_numpy()
+    adult = (~df["source"].isin(PEDIATRIC_SOURCES)).to_numpy()
+    result: dict[str, Any] = {
+        "disclaimer": DEMO_DISCLAIMER,
+        "versions": versions,
+        "architectures": [registry.card(v).architecture for v in versions],
+        "split": split,
+        "split_manifest": str(Path(split_csv).resolve()),
+        "split_manifest_sha256": sha256_file(Path(split_csv)),
+        "classes": list(CLASS_LABELS),
+        "overall": summarise(y, probs, groups, n_boot=n_boot, seed=seed),
+        "adult_only": summarise(y[adult], probs[adult], groups[adult], n_boot=n_boot, seed=seed),
+        "per_source": subset_table(df, y, probs, "source"),
+        "reliability_bins": reliability_bins(y, probs),
+    }
+    out_dir = Path(report_dir) if report_dir else default_report_dir(registry, versions, split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(result))
+    pred = df[["path", "label", "patient_id", "source", "group"]].copy()
+    for c, name in enumerate(CLASS_LABELS):
+        pred[f"p_{name}"] = probs[:, c].round(5)
+    pred["predicted"] = [CLASS_LABELS[i] for i in probs.argmax(axis=1)]
+    pred.to_csv(out_dir / "predictions.csv", index=False)
+    write_plots(out_dir, y, probs, result)
+    if len(versions) == 1:
+        card = registry.card(versions[0])
+        o, boot = result["overall"], result["overall"].get("bootstrap", {})
+        metrics = dict(card.metrics)
+        metrics[split] = {
+            "accuracy": o["accuracy"],
+            "accuracy_95ci": boot.get("accuracy_95ci"),
+            "macro_auroc": o["macro_auroc"],
+            "macro_auroc_95ci": boot.get("macro_auroc_95ci"),
+            "top2_accuracy": o["top2_accuracy"],
+            "ece_10bins": o["ece_10bins"],
+            "adult_only_accuracy": result["adult_only"]["accuracy"],
+            "adult_only_macro_auroc": result["adult_only"]["macro_auroc"],
+            "n_images": o["n_images"],
+            "report": str(out_dir.relative_to(registry.version_dir(versions[0])))
+            if out_dir.is_relative_to(registry.version_dir(versions[0]))
+            else str(out_dir),
+        }
+        registry.write_card(replace(card, metrics=metrics))
+        (registry.version_dir(versions[0]) / "card.json").chmod(0o644)  # atomic writes create 0600 files
+    return result

@@ -1,0 +1,279 @@
+"""Fit one timm architecture with fastai on a split manifest and register it as a candidate version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.schedule import fit_one_cycle, lr_find  # noqa: F401  (patches Learner)
+from fastai.callback.tracker import SaveModelCallback
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.core import DataLoaders
+from fastai.data.transforms import ColReader, IndexSplitter
+from fastai.learner import Learner
+from fastai.losses import LabelSmoothingCrossEntropy
+from fastai.metrics import RocAuc, accuracy
+from fastai.optimizer import RAdam
+from fastai.torch_core import TensorImage, set_seed
+from fastai.vision.augment import aug_transforms
+from fasttransform import Transform
+from pydicom.uid import generate_uid
+
+from cxr_triage.architectures import create_model, save_state
+from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
+from cxr_triage.pixels import PREPROCESSING_VERSION, load_image, normalise
+from cxr_triage.registry import ModelCard, Registry
+from training.dataset import read_split_manifest, sha256_file
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Hyper-parameters of one training run (all recorded in the model card)."""
+
+    architecture: str = "mobilenetv2_100"
+    epochs: int = 18
+    size: int = 224
+    batch_size: int = 32
+    lr: float | None = None  # None: use lr_find's suggestion (valley), clamped to [lr_min, lr_max]
+    lr_min: float = 1e-4
+    lr_max: float = 1e-2
+    lr_find_iters: int = 60
+    seed: int = 42
+    threads: int = 2
+    label_smoothing: float = 0.1
+    weight_decay: float = 0.01
+    monitor: str = "valid_loss"
+    max_rotate: float = 10.0
+    max_zoom: float = 1.1
+    max_lighting: float = 0.2
+    do_flip: bool = True
+    cache_images: bool = True
+    pretrained_weights: str | None = None
+    augmentation: dict[str, Any] = field(default_factory=dict)
+
+
+class NormaliseLikeInference(Transform):  # type: ignore[misc]
+    """Batch transform: ImageNet normalisation by `cxr_triage.pixels.normalise` itself, so the valid path is
+    bit-identical to `model_input` (fastai's Normalize differs by float rounding, ~3e-6)."""
+
+    order = 99
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        # Channels are equal (grey expanded; the augmentations act on all channels alike): normalise channel 0.
+        return TensorImage(torch.stack([normalise(item[0]) for item in x.as_subclass(torch.Tensor)]))
+
+
+class LoadUnit:
+    """Item transform: file path -> TensorImage (3, size, size) in [0, 1] via `cxr_triage.pixels.load_image`."""
+
+    def __init__(self, size: int, cache: bool = True) -> None:
+        self.size = size
+        self.cache: dict[str, np.ndarray] | None = {} if cache else None
+
+    def __call__(self, path: str) -> TensorImage:
+        arr = self.cache.get(path) if self.cache is not None else None
+        if arr is None:
+            arr = load_image(Path(path), self.size).pixels
+            if self.cache is not None:
+                self.cache[path] = arr
+        t = torch.as_tensor(arr, dtype=torch.float32)
+        return TensorImage(t[None].expand(3, -1, -1).contiguous())
+
+
+def _train_only(tfm: Any) -> None:
+    """Make a fastai RandTransform a no-op outside training.
+
+    fastai's affine transform also runs on the valid set (as a resize: here an identity resample that still
+    changes pixels by float rounding); our valid path must be exactly `model_input`, so it is skipped there.
+    """
+    original = tfm.before_call
+
+    def before_call(b: Any, split_idx: int | None = None) -> None:
+        original(b, split_idx=split_idx)
+        if split_idx != 0:
+            tfm.do = False
+
+    tfm.before_call = before_call
+
+
+def make_dataloaders(df: pd.DataFrame, cfg: FitConfig, *, augment: bool = True) -> DataLoaders:
+    """DataLoaders over rows of a split manifest (train rows train, valid rows validate); test rows excluded."""
+    df = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
+    if not (df["split"] == "valid").any() or not (df["split"] == "train").any():
+        raise ValueError("the split manifest needs both train and valid rows")
+    aug = (
+        aug_transforms(
+            do_flip=cfg.do_flip,
+            flip_vert=False,
+            max_rotate=cfg.max_rotate,
+            max_zoom=cfg.max_zoom,
+            max_lighting=cfg.max_lighting,
+            max_warp=0.0,
+            pad_mode="zeros",
+        )
+        if augment
+        else []
+    )
+    for tfm in aug:
+        _train_only(tfm)
+    block = DataBlock(
+        blocks=(
+            TransformBlock(type_tfms=[LoadUnit(cfg.size, cfg.cache_images)]),
+            CategoryBlock(vocab=list(CLASS_LABELS), sort=False),
+        ),
+        get_x=ColReader("abs_path"),
+        get_y=ColReader("label"),
+        splitter=IndexSplitter(list(np.flatnonzero(df["split"].to_numpy() == "valid"))),
+        batch_tfms=[*aug, NormaliseLikeInference()],
+    )
+    dls = block.dataloaders(df, bs=cfg.batch_size, num_workers=0, device=torch.device("cpu"))
+    if list(dls.vocab) != list(CLASS_LABELS):
+        raise AssertionError(f"vocab {list(dls.vocab)} differs from {CLASS_LABELS}")
+    return dls
+
+
+def git_revision(cwd: Path | None = None) -> str:
+    """`git rev-parse HEAD`, or "" when unavailable."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def new_version_name(registry: Registry, architecture: str) -> str:
+    """`<arch>-<YYYYMMDD>-<n>` with the first free n."""
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    n = 1
+    while registry.version_dir(f"{architecture}-{day}-{n}").exists():
+        n += 1
+    return f"{architecture}-{day}-{n}"
+
+
+def _history(learn: Learner) -> list[dict[str, float]]:
+    names = [str(n) for n in learn.recorder.metric_names[1:-1]]  # drop "epoch" and "time"
+    return [
+        {"epoch": i, **{n: float(v) for n, v in zip(names, vals, strict=False) if v is not None}}
+        for i, vals in enumerate(learn.recorder.values)
+    ]
+
+
+def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | None = None, log: Any = print) -> str:
+    """Train `cfg.architecture` on `split_csv`, save fp16 weights + card into a new candidate version."""
+    t0 = time.monotonic()
+    torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed, reproducible=True)
+    df = read_split_manifest(split_csv)
+    dls = make_dataloaders(df, cfg)
+    valid_labels = set(df.loc[df["split"] == "valid", "label"])
+    metrics: list[Any] = [accuracy]
+    if valid_labels == set(CLASS_LABELS):
+        metrics.append(RocAuc(average="macro", multi_class="ovr"))
+    weights = Path(cfg.pretrained_weights) if cfg.pretrained_weights else None
+    model = create_model(cfg.architecture, pretrained_weights=weights)
+    workdir = Path(tempfile.mkdtemp(prefix="cxr-fit-"))
+    learn = Learner(
+        dls,
+        model,
+        loss_func=LabelSmoothingCrossEntropy(eps=cfg.label_smoothing),
+        opt_func=RAdam,
+        metrics=metrics,
+        wd=cfg.weight_decay,
+        path=workdir,
+        model_dir="ckpt",
+    )
+    lr_suggestion: float | None = None
+    if cfg.lr is None:
+        log(f"lr_find ({cfg.lr_find_iters} iterations) ...")
+        suggestion = learn.lr_find(num_it=cfg.lr_find_iters, show_plot=False)
+        lr_suggestion = float(suggestion.valley)
+        lr = float(min(max(lr_suggestion, cfg.lr_min), cfg.lr_max))
+        log(f"lr_find valley = {lr_suggestion:.3g}; using {lr:.3g}")
+    else:
+        lr = cfg.lr
+    t_fit = time.monotonic()
+    save_cb = SaveModelCallback(monitor=cfg.monitor, fname="best", with_opt=False)
+    learn.fit_one_cycle(cfg.epochs, lr, cbs=[save_cb])
+    fit_seconds = time.monotonic() - t_fit
+    history = _history(learn)
+    best_epoch = (
+        int(np.argmin([h.get(cfg.monitor, np.inf) for h in history]))
+        if cfg.monitor == "valid_loss"
+        else (int(np.argmax([h.get(cfg.monitor, -np.inf) for h in history])))
+    )
+
+    registry = Registry(registry_dir)
+    version = version or new_version_name(registry, cfg.architecture)
+    vdir = registry.version_dir(version)
+    if vdir.exists():
+        raise FileExistsError(f"version {version} already exists at {vdir}")
+    vdir.mkdir(parents=True)
+    learn.model.eval()
+    save_state(learn.model, vdir / "model.safetensors", half=True)
+    shutil.copyfile(split_csv, vdir / "split.csv")
+    for suffix in (".card.md", ".card.json"):
+        src = Path(split_csv).with_suffix(suffix)
+        if src.is_file():
+            shutil.copyfile(src, vdir / f"data{suffix}")
+    counts = df["split"].value_counts().to_dict()
+    training = {
+        "disclaimer": DEMO_DISCLAIMER,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "augmentation"},
+        "augmentation": {
+            "fastai": "aug_transforms",
+            "do_flip": cfg.do_flip,
+            "flip_vert": False,
+            "max_rotate": cfg.max_rotate,
+            "max_zoom": cfg.max_zoom,
+            "max_lighting": cfg.max_lighting,
+            "max_warp": 0.0,
+        },
+        "optimizer": "RAdam",
+        "loss": f"LabelSmoothingCrossEntropy(eps={cfg.label_smoothing})",
+        "schedule": "fit_one_cycle",
+        "lr_find_suggestion_valley": lr_suggestion,
+        "lr": lr,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "checkpoint_monitor": cfg.monitor,
+        "history": history,
+        "fit_seconds": round(fit_seconds, 1),
+        "total_seconds": round(time.monotonic() - t0, 1),
+        "split_manifest": str(Path(split_csv).resolve()),
+        "images_per_split": {str(k): int(v) for k, v in counts.items()},
+        "pretrained": bool(weights),
+        "torch": torch.__version__,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+    }
+    best = history[best_epoch] if history else {}
+    card = ModelCard(
+        version=version,
+        architecture=cfg.architecture,
+        device_uid=str(generate_uid()),
+        input_size=cfg.size,
+        preprocessing_version=PREPROCESSING_VERSION,
+        data_manifest_sha256=sha256_file(Path(split_csv)),
+        code_revision=git_revision(Path(__file__).resolve().parent),
+        training=training,
+        metrics={"valid_at_best_epoch": best, "note": "validation split, used for checkpoint selection"},
+    )
+    registry.write_card(card)
+    for path in vdir.iterdir():  # the registry's atomic writes create 0600 files; workers may run as another user
+        path.chmod(0o644)
+    (vdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+    log(f"registered {version} ({training['total_seconds']} s) at {vdir}")
+    return version
