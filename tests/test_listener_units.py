@@ -88,3 +88,29 @@ def test_intake_uses_anatomic_region_codes_when_body_part_is_absent() -> None:
 def test_intake_can_be_widened_by_settings() -> None:
     settings = Settings(triage_view_positions="PA,AP,LL")  # type: ignore[arg-type]
     assert decide(_ds(BodyPartExamined="CHEST", ViewPosition="LL"), settings).triage
+
+
+def test_accepted_sockets_have_tcp_nodelay() -> None:
+    import socket
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from listener.handlers import set_tcp_nodelay
+    from listener.server import build_ae
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = build_ae(Settings()).start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+    )
+    try:
+        scu = AE(ae_title="PROBE")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
+        assert assoc.is_established
+        accepted = server.active_associations[0].dul.socket.socket
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assoc.release()
+    finally:
+        server.shutdown()
