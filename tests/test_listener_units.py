@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -101,7 +102,7 @@ def test_accepted_sockets_have_tcp_nodelay() -> None:
     from tests.conftest import free_port
 
     port = free_port()
-    server = build_ae(Settings()).start_server(
+    server: Any = build_ae(Settings()).start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
     )
     try:
@@ -109,7 +110,7 @@ def test_accepted_sockets_have_tcp_nodelay() -> None:
         scu.add_requested_context(Verification)
         assoc = scu.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
         assert assoc.is_established
-        accepted = server.active_associations[0].dul.socket.socket
+        accepted: Any = server.active_associations[0].dul.socket.socket
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assoc.release()
     finally:
