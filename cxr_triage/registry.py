@@ -43,6 +43,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; registry files are read by other service users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -73,6 +73,23 @@ class Settings(BaseSettings):
     results_send_max_retries: int = Field(8, description="Retries of a failed send before it is marked failed.")
     results_retry_base_s: float = Field(5.0, description="First retry delay (s); doubles each retry, capped at 1 h.")
 
+    # --- retraining (queue `training`) ---------------------------------------------------------
+    retrain_manifest: Path | None = Field(None, description="Manifest retraining reads (shared format); empty = off.")
+    retrain_work_dir: Path | None = Field(None, description="Locked split and data card; empty = home/retrain.")
+    retrain_architectures: list[str] = Field(
+        default_factory=lambda: ["mobilenetv2_100"], description="timm architectures trained (comma-separated)."
+    )
+    retrain_epochs: int = Field(18, ge=1, description="Epochs per architecture.")
+    retrain_size: int = Field(224, ge=32, description="Input size (px).")
+    retrain_threads: int = Field(2, ge=1, description="Torch threads for CPU training.")
+    retrain_schedule: str = Field(
+        "", description="Celery beat crontab 'minute hour day-of-month month day-of-week'; empty = no schedule."
+    )
+    gate_max_auroc_drop: float = Field(0.02, description="Gate: largest allowed macro AUROC drop (95% CI bound).")
+    gate_min_macro_auroc: float = Field(0.70, description="Gate: macro AUROC floor for a first model.")
+    gate_min_covid_sensitivity: float = Field(0.70, description="Gate: COVID-19 sensitivity floor.")
+    gate_max_ece: float = Field(0.15, description="Gate: expected calibration error ceiling.")
+
     # --- logging -------------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level.")
     log_format: str = Field("json", description="json or console.")
@@ -112,11 +129,28 @@ class Settings(BaseSettings):
             return [str(part).strip().upper() for part in value]
         return value
 
-    @field_validator("spool_dir", "tls_cert", "tls_key", "tls_ca", "results_dir", "results_tls_ca", mode="before")
+    @field_validator(
+        "spool_dir",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "results_dir",
+        "results_tls_ca",
+        "retrain_manifest",
+        "retrain_work_dir",
+        mode="before",
+    )
     @classmethod
     def _empty_path_is_unset(cls, value: object) -> object:
         # `CXR_TLS_CERT=` must mean "no TLS", not Path(".").
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("retrain_architectures", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("ae_title")
     @classmethod
@@ -143,6 +177,10 @@ class Settings(BaseSettings):
     @property
     def effective_results_dir(self) -> Path:
         return self.results_dir if self.results_dir is not None else self.home / "results"
+
+    @property
+    def effective_retrain_work_dir(self) -> Path:
+        return self.retrain_work_dir if self.retrain_work_dir is not None else self.home / "retrain"
 
     @property
     def broker_dir(self) -> Path:

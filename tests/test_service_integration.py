@@ -379,3 +379,57 @@ def test_results_are_retried_while_the_pacs_is_down_and_delivered_when_it_return
             assert statuses[-1] == 0 and all(a.error for a in row.attempts_log[:-1])
     finally:
         orthanc.stop()
+
+
+def test_retraining_through_celery_gates_promotes_and_a_running_worker_switches(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    from cxr_triage.queue import RETRAIN_TASK, producer
+    from cxr_triage.settings import Settings
+    from db.models import Prediction
+    from training.fixtures import make_dataset
+
+    manifest = make_dataset(tmp_path / "data", patients_per_label=6)
+    service = service_factory(
+        database_url=pg_url,
+        broker_url=redis_url,
+        models_dir=tiny_registry.root,
+        retrain_work_dir=str(tmp_path / "retrain"),
+        # Permissive gate: this tests the plumbing (the gate's own rules have unit tests).
+        gate_max_auroc_drop="1.0",
+        gate_min_macro_auroc="0",
+        gate_min_covid_sensitivity="0",
+        gate_max_ece="1",
+    )
+    service.start_listener()
+    worker = service._spawn(
+        "worker",
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,cpu,training",
+         "--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
+    )  # fmt: skip
+    first = DICOM_DIR / CHEST_FILES[0]
+    assert service.storescu(first).returncode == 0
+    wait_until(lambda: _all_terminal(pg_url, 1), 120, "the first triage")
+
+    settings = Settings(broker_url=redis_url, home=tmp_path / "producer")
+    producer(settings).send_task(
+        RETRAIN_TASK,
+        kwargs={"manifest": str(manifest), "epochs": 1, "size": 32, "batch_size": 4, "lr_find_iters": 4, "n_boot": 100},
+        queue="training",
+    )
+    decisions = tiny_registry.root / "gate" / "decisions.jsonl"
+    wait_until(decisions.is_file, 300, "the retraining's gate decision")
+    import json
+
+    decision = json.loads(decisions.read_text().splitlines()[-1])
+    assert decision["accepted"] and decision["promoted_before"] == "test"
+    assert all(reason.startswith("pass") for reason in decision["reasons"])
+    new_name = decision["candidate"]
+    assert Registry(tiny_registry.root).promoted_name() == new_name
+
+    assert service.storescu(DICOM_DIR / CHEST_FILES[1]).returncode == 0
+    wait_until(lambda: _all_terminal(pg_url, 2), 120, "the second triage")
+    with session_scope(pg_url) as session:
+        model_sets = [p.model_set for p in session.scalars(select(Prediction).order_by(Prediction.id))]
+    assert model_sets == ["test", new_name], "the same worker process switched ensembles without a restart"
+    assert worker.poll() is None

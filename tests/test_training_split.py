@@ -74,3 +74,28 @@ def test_prepare_writes_split_manifest_and_data_card(tmp_path) -> None:
     assert sum(r["images"] for r in card["counts"]) == 36
     assert "NOT FOR CLINICAL USE" in out.with_suffix(".card.md").read_text()
     assert len(read_split_manifest(out, "test")) == card["totals"]["test"]["images"]
+
+
+def test_without_provenance_the_group_is_the_patient(tmp_path) -> None:
+    from training.fixtures import make_dataset
+
+    manifest = make_dataset(tmp_path / "data", patients_per_label=2)
+    (tmp_path / "data" / "provenance.csv").unlink()
+    df = read_manifest(manifest)
+    assert (df["group"] == df["patient_id"]).all()
+    assert "split_group" not in df.columns
+
+
+def test_locked_prepare_keeps_every_placed_group_where_it_was(tmp_path) -> None:
+    from training.dataset import prepare
+    from training.fixtures import make_dataset
+
+    manifest = make_dataset(tmp_path / "data", patients_per_label=8)
+    split_csv = tmp_path / "split.csv"
+    first = prepare(manifest, split_csv, seed=3).set_index("group")["split"]
+    # More data arrives (new patients); a different seed would reshuffle everything if the split were not locked.
+    bigger = make_dataset(tmp_path / "data", patients_per_label=14)
+    second = prepare(bigger, split_csv, seed=4, locked=True).set_index("group")["split"]
+    assert (second.loc[first.index] == first).all()
+    assert set(second.index) - set(first.index)
+    assert set(second) <= {"train", "valid", "test"}

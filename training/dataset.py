@@ -151,10 +151,22 @@ def prepare(
     seed: int = 0,
     fractions: SplitFractions | None = None,
     provenance: Path | None = None,
+    locked: bool = False,
 ) -> pd.DataFrame:
-    """Read + split `manifest`; write the merged split CSV (paths relative to its folder) and data card."""
+    """Read + split `manifest`; write the merged split CSV (paths relative to its folder) and data card.
+
+    With `locked`, groups that an existing `out_csv` already placed keep their split (the test split stays the
+    same test split when data is added); only new groups are split, by the same seeded rule among themselves.
+    """
     df = read_manifest(manifest, provenance)
-    df["split"] = assign_splits(df, seed=seed, fractions=fractions)
+    placed: dict[str, str] = {}
+    if locked and Path(out_csv).is_file():
+        previous = pd.read_csv(out_csv, dtype=str, keep_default_na=False)
+        placed = dict(zip(previous["group"], previous["split"], strict=True))
+    new = ~df["group"].isin(placed)
+    df["split"] = df["group"].map(placed).fillna("").astype(str)
+    if new.any():
+        df.loc[new, "split"] = assign_splits(df[new], seed=seed, fractions=fractions)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     out = df.copy()

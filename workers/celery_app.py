@@ -6,14 +6,25 @@ from typing import Any
 
 import torch
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import setup_logging, worker_process_init
 
 from cxr_triage.logs import configure_logging
-from cxr_triage.queue import celery_config
+from cxr_triage.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config
 from cxr_triage.settings import get_settings
 
 app = Celery("cxr_triage", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
+if get_settings().retrain_schedule:
+    # `celery -A workers.celery_app beat` sends the retraining task to queue `training` on this schedule.
+    minute, hour, day_of_month, month, day_of_week = get_settings().retrain_schedule.split()
+    app.conf.beat_schedule = {
+        "retrain": {
+            "task": RETRAIN_TASK,
+            "schedule": crontab(minute, hour, day_of_week, day_of_month, month),
+            "options": {"queue": QUEUE_TRAINING},
+        }
+    }
 
 
 @setup_logging.connect

@@ -1,0 +1,207 @@
+"""The promotion gate: a candidate ensemble is promoted only if it is not worse than the promoted one, on the
+locked test split, and clears absolute floors; every decision and its reasons are recorded in the registry.
+
+Rules (all on the same locked test split):
+1. macro AUROC non-inferiority: the lower bound of the 95 % paired-bootstrap interval (resampling patient groups)
+   of candidate - promoted must be above -`max_auroc_drop`. With nothing promoted yet, macro AUROC must be at least
+   `min_macro_auroc`.
+2. COVID-19 sensitivity at the operating point (the predicted class is the argmax; "COVID-19" when its probability
+   is the largest) must be at least `min_covid_sensitivity`.
+3. Expected calibration error (10 bins) must be at most `max_ece`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_triage.labels import CLASS_LABELS, COVID19, label_index
+from cxr_triage.registry import Registry, write_json_atomic
+from training.dataset import read_split_manifest, sha256_file
+from training.metrics import expected_calibration_error, macro_auroc
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds of the gate; validated so that no meaningless configuration exists."""
+
+    max_auroc_drop: float = 0.02
+    min_macro_auroc: float = 0.70
+    min_covid_sensitivity: float = 0.70
+    max_ece: float = 0.15
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_auroc_drop", "min_macro_auroc", "min_covid_sensitivity", "max_ece"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.n_boot < 100:
+            raise ValueError("n_boot must be at least 100 for a 95 % interval")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    candidate: str
+    promoted_before: str | None
+    accepted: bool
+    reasons: list[str]
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    split_manifest_sha256: str = ""
+    decided_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def covid_sensitivity(y: np.ndarray, probs: np.ndarray) -> float | None:
+    covid = label_index(COVID19)
+    positives = y == covid
+    if not positives.any():
+        return None
+    return float((probs[positives].argmax(axis=1) == covid).mean())
+
+
+def paired_auroc_delta(
+    y: np.ndarray, candidate: np.ndarray, promoted: np.ndarray, groups: np.ndarray, *, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Candidate - promoted macro AUROC with a 95 % percentile interval, resampling groups (same draws for both)."""
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    deltas: list[float] = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if len(np.unique(y[idx])) < len(np.unique(y)):
+            continue
+        a, b = macro_auroc(y[idx], candidate[idx]), macro_auroc(y[idx], promoted[idx])
+        if a is not None and b is not None:
+            deltas.append(a - b)
+    point_a, point_b = macro_auroc(y, candidate), macro_auroc(y, promoted)
+    return {
+        "delta": (point_a - point_b) if point_a is not None and point_b is not None else None,
+        "delta_95ci": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))] if deltas else None,
+        "resamples_used": len(deltas),
+    }
+
+
+def decide(
+    y: np.ndarray,
+    candidate: np.ndarray,
+    promoted: np.ndarray | None,
+    groups: np.ndarray,
+    config: GateConfig,
+    *,
+    candidate_name: str,
+    promoted_name: str | None,
+) -> GateDecision:
+    """Apply the rules to predictions on the locked test split (pure: no files, no registry)."""
+    reasons: list[str] = []
+    accepted = True
+    auroc = macro_auroc(y, candidate)
+    sensitivity = covid_sensitivity(y, candidate)
+    ece = expected_calibration_error(y, candidate)
+    metrics: dict[str, Any] = {"macro_auroc": auroc, "covid_sensitivity": sensitivity, "ece_10bins": ece}
+    if promoted is None:
+        ok = auroc is not None and auroc >= config.min_macro_auroc
+        accepted &= ok
+        reasons.append(
+            f"{'pass' if ok else 'FAIL'}: first model, macro AUROC {auroc if auroc is None else round(auroc, 4)} "
+            f"{'>=' if ok else '<'} floor {config.min_macro_auroc}"
+        )
+    else:
+        paired = paired_auroc_delta(y, candidate, promoted, groups, n_boot=config.n_boot, seed=config.seed)
+        metrics["promoted_macro_auroc"] = macro_auroc(y, promoted)
+        metrics["auroc_delta"] = paired
+        low = paired["delta_95ci"][0] if paired["delta_95ci"] else None
+        ok = low is not None and low > -config.max_auroc_drop
+        accepted &= ok
+        reasons.append(
+            f"{'pass' if ok else 'FAIL'}: macro AUROC vs {promoted_name}: delta {paired['delta']:.4f}, "
+            f"95% CI lower bound {low if low is None else round(low, 4)} "
+            f"{'>' if ok else '<='} -{config.max_auroc_drop}"
+        )
+    ok = sensitivity is not None and sensitivity >= config.min_covid_sensitivity
+    accepted &= ok
+    reasons.append(
+        f"{'pass' if ok else 'FAIL'}: COVID-19 sensitivity "
+        f"{sensitivity if sensitivity is None else round(sensitivity, 4)} {'>=' if ok else '<'} "
+        f"{config.min_covid_sensitivity}"
+    )
+    ok = ece <= config.max_ece
+    accepted &= ok
+    reasons.append(f"{'pass' if ok else 'FAIL'}: ECE {ece:.4f} {'<=' if ok else '>'} {config.max_ece}")
+    return GateDecision(
+        candidate=candidate_name,
+        promoted_before=promoted_name,
+        accepted=accepted,
+        reasons=reasons,
+        metrics=metrics,
+        config=asdict(config),
+    )
+
+
+def run_gate(
+    registry_dir: Path,
+    candidate_ensemble: str,
+    split_csv: Path,
+    config: GateConfig,
+    *,
+    promote: bool = True,
+    threads: int = 2,
+) -> GateDecision:
+    """Evaluate candidate and promoted ensembles on the locked test split, decide, record, and promote if accepted."""
+    from training.evaluate import predict
+
+    registry = Registry(registry_dir)
+    df = read_split_manifest(Path(split_csv), "test")
+    if df.empty:
+        raise ValueError(f"the test split of {split_csv} is empty")
+    y = np.array([label_index(label) for label in df["label"]])
+    paths = list(df["abs_path"])
+    groups = df["group"].to_numpy()
+    candidate_spec = registry.ensemble(candidate_ensemble)
+    candidate = predict(registry, list(candidate_spec.members), paths, threads=threads)
+    promoted_spec = registry.promoted()
+    promoted = (
+        predict(registry, list(promoted_spec.members), paths, threads=threads)
+        if promoted_spec is not None and promoted_spec.name != candidate_ensemble
+        else None
+    )
+    decision = decide(
+        y,
+        candidate,
+        promoted,
+        groups,
+        config,
+        candidate_name=candidate_ensemble,
+        promoted_name=promoted_spec.name if promoted is not None and promoted_spec is not None else None,
+    )
+    decision = GateDecision(**{**asdict(decision), "split_manifest_sha256": sha256_file(Path(split_csv))})
+    record_decision(registry, decision)
+    if decision.accepted and promote:
+        registry.promote(candidate_ensemble, reason="gate: " + "; ".join(decision.reasons))
+    in_service = set(promoted_spec.members) if promoted_spec is not None else set()
+    for version in candidate_spec.members:
+        card = registry.card(version)
+        if card.status == "candidate" and version not in in_service:
+            from dataclasses import replace
+
+            registry.write_card(replace(card, status="promoted" if decision.accepted and promote else "rejected"))
+    return decision
+
+
+def record_decision(registry: Registry, decision: GateDecision) -> Path:
+    """Append the decision to models/gate/decisions.jsonl and write it next to the ensemble."""
+    path = registry.root / "gate" / f"{decision.candidate}-{decision.decided_at.replace(':', '')}.json"
+    write_json_atomic(path, asdict(decision))
+    log = registry.root / "gate" / "decisions.jsonl"
+    with log.open("a") as fh:
+        fh.write(json.dumps(asdict(decision), sort_keys=True) + "\n")
+    return path
+
+
+__all__ = ["CLASS_LABELS", "GateConfig", "GateDecision", "decide", "run_gate"]

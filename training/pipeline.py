@@ -1,0 +1,74 @@
+"""Retraining end to end: locked split -> train each architecture -> evaluate -> gate -> promote (or not)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cxr_triage.labels import DEMO_DISCLAIMER
+from cxr_triage.registry import EnsembleSpec, Registry
+from training.dataset import prepare
+from training.gate import GateConfig, GateDecision, run_gate
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    manifest: Path
+    registry_dir: Path
+    work_dir: Path
+    architectures: tuple[str, ...] = ("mobilenetv2_100",)
+    epochs: int = 18
+    size: int = 224
+    batch_size: int = 32
+    threads: int = 2
+    lr_find_iters: int = 60
+    seed: int = 0
+    n_boot: int = 1000
+    gate: GateConfig = field(default_factory=GateConfig)
+    promote: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.architectures:
+            raise ValueError("retraining needs at least one architecture")
+        if self.epochs < 1 or self.size < 32:
+            raise ValueError(f"epochs must be >= 1 and size >= 32, got {self.epochs}, {self.size}")
+
+
+def retrain(config: RetrainConfig, *, log: Any = print) -> GateDecision:
+    """Run the whole retraining and return the gate's decision (recorded in the registry either way)."""
+    from training.evaluate import evaluate
+    from training.train import FitConfig, fit
+
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    split_csv = config.work_dir / "split.csv"
+    prepare(config.manifest, split_csv, seed=config.seed, locked=True)
+    log(f"split written to {split_csv}")
+    versions = []
+    for architecture in config.architectures:
+        fit_config = FitConfig(
+            architecture=architecture,
+            epochs=config.epochs,
+            size=config.size,
+            batch_size=config.batch_size,
+            threads=config.threads,
+            lr_find_iters=config.lr_find_iters,
+        )
+        version = fit(split_csv, config.registry_dir, fit_config, log=log)
+        evaluate(config.registry_dir, [version], split_csv, split="test", n_boot=config.n_boot, threads=config.threads)
+        versions.append(version)
+        log(f"trained and evaluated {version}")
+    registry = Registry(config.registry_dir)
+    name = f"retrain-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    registry.write_ensemble(EnsembleSpec(name=name, members=tuple(versions), note=DEMO_DISCLAIMER))
+    if len(versions) > 1:
+        evaluate(config.registry_dir, versions, split_csv, split="test", n_boot=config.n_boot, threads=config.threads)
+    decision = run_gate(
+        config.registry_dir, name, split_csv, config.gate, promote=config.promote, threads=config.threads
+    )
+    log(f"gate {'ACCEPTED' if decision.accepted else 'REJECTED'} {name}: " + "; ".join(decision.reasons))
+    return decision
+
+
+__all__ = ["RetrainConfig", "retrain"]
