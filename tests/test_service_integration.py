@@ -318,6 +318,14 @@ def test_orthanc_forwards_a_radiograph_and_receives_the_sr_and_heatmap(
             return bool(found.get("SR")) and bool(found.get("OT") or found.get("SC"))
 
         wait_until(arrived, 180, "the SR and the heatmap to arrive in Orthanc", interval=1)
+
+        def all_delivered() -> bool:
+            from db.models import ResultObject
+
+            with session_scope(pg_url) as session:
+                return [r.status for r in session.scalars(select(ResultObject))] == ["delivered", "delivered"]
+
+        wait_until(all_delivered, 30, "both deliveries to be recorded")
         found = _series_by_modality(orthanc, study_uid)
         sr_bytes = orthanc.get(f"/instances/{found['SR'][0]}/file")
         sr = pydicom.dcmread(__import__("io").BytesIO(sr_bytes))
@@ -372,6 +380,12 @@ def test_results_are_retried_while_the_pacs_is_down_and_delivered_when_it_return
     try:
         study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
         wait_until(lambda: bool(_series_by_modality(orthanc, study_uid).get("SR")), 120, "the SR after Orthanc started")
+
+        def delivered() -> bool:
+            with session_scope(pg_url) as session:
+                return session.scalars(select(ResultObject.status)).one() == "delivered"
+
+        wait_until(delivered, 30, "the delivery to be recorded (the C-STORE response precedes the commit)")
         with session_scope(pg_url) as session:
             row = session.scalars(select(ResultObject)).one()
             assert row.status == "delivered" and row.attempts >= 3
