@@ -67,6 +67,7 @@ def save_state(model: nn.Module, weights: Path, *, half: bool = True) -> None:
         for k, v in model.state_dict().items()
     }
     save_file(state, str(weights))
+    Path(weights).chmod(0o644)  # readable by the service user that runs the workers
 
 
 def count_parameters(model: nn.Module) -> int:

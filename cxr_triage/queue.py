@@ -23,12 +23,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options: dict[str, Any] = {}
     if url.startswith("filesystem"):
         folder = settings.broker_dir.resolve()
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": 0.1,  # kombu's default (1 s) would add up to a second to every task
         }

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 app = typer.Typer(help="Train and evaluate triage models (demo models - NOT FOR CLINICAL USE).", no_args_is_help=True)
 
-DEFAULT_MANIFEST = Path("/work/shared/data/cxr/manifest.csv")
+# The shared data set next to the checkout (see its README for sources, licences and caveats).
+DEFAULT_MANIFEST = Path("../shared/data/cxr/manifest.csv")
 DEFAULT_SPLIT = Path("artifacts/data/split_manifest.csv")
 
 
@@ -141,6 +142,113 @@ def demo(
     registry.write_ensemble(EnsembleSpec(name="demo", members=(version,), note=DEMO_DISCLAIMER))
     registry.promote("demo", reason=f"demo model {version}; {DEMO_DISCLAIMER}")
     typer.echo(f"promoted ensemble 'demo' = [{version}]")
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Option(help="merged manifest CSV to write (absolute paths, split_group column)")],
+    manifest: Annotated[list[Path] | None, typer.Option(help="manifest(s) in the shared format")] = None,
+    cohen_metadata: Annotated[Path | None, typer.Option(help="Cohen covid-chestxray-dataset metadata.csv")] = None,
+    covidx_split: Annotated[
+        Path | None, typer.Option(help="COVIDx split file (patientid filename label source)")
+    ] = None,
+    covidx_images: Annotated[Path | None, typer.Option(help="folder the COVIDx split file's images are in")] = None,
+    dicom_folder: Annotated[Path | None, typer.Option(help="hospital DICOMs with confirmed labels")] = None,
+    dicom_labels: Annotated[Path | None, typer.Option(help="CSV sop_instance_uid,label for --dicom-folder")] = None,
+    drop_distance: int = 12,
+    group_distance: int = 18,
+) -> None:
+    """Adapt each source, merge, drop exact and near-exact copies, group near-duplicates; writes a data card."""
+    import json
+    from collections import Counter
+
+    import pandas as pd
+
+    from training import adapters
+    from training.dedupe import dedupe
+
+    frames, dropped = [], Counter[str]()
+    sources: list[tuple[str, Any, tuple[Path, ...]]] = [
+        ("manifest", adapters.from_manifest, (m,)) for m in manifest or []
+    ]
+    if cohen_metadata:
+        sources.append(("cohen", adapters.from_cohen, (cohen_metadata,)))
+    if covidx_split:
+        if covidx_images is None:
+            raise typer.BadParameter("--covidx-split needs --covidx-images")
+        sources.append(("covidx", adapters.from_covidx, (covidx_split, covidx_images)))
+    if dicom_folder:
+        if dicom_labels is None:
+            raise typer.BadParameter("--dicom-folder needs --dicom-labels")
+        sources.append(("dicom", adapters.from_dicom_folder, (dicom_folder, dicom_labels)))
+    if not sources:
+        raise typer.BadParameter("give at least one source")
+    for name, adapter, adapter_args in sources:
+        frame, why = adapter(*adapter_args)
+        frames.append(frame)
+        dropped.update({f"{name}: {reason}": n for reason, n in why.items()})
+        typer.echo(f"{name}: {len(frame)} images kept, dropped {dict(why)}")
+    result = dedupe(pd.concat(frames, ignore_index=True).fillna(""), drop_distance=drop_distance,
+                    group_distance=group_distance)  # fmt: skip
+    dropped.update({f"dedupe: {reason}": n for reason, n in result.counts.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.manifest.to_csv(out, index=False)
+    result.dropped.to_csv(out.with_suffix(".dropped.csv"), index=False)
+    counts = result.manifest.groupby(["source", "label"]).size().rename("images").reset_index()
+    card = {"images": len(result.manifest), "dropped": dict(dropped), "by_source_label": counts.to_dict("records")}
+    out.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
+    typer.echo(f"wrote {out}: {len(result.manifest)} images, {result.manifest['split_group'].nunique()} groups; "
+               f"dropped {dict(dropped)}")  # fmt: skip
+
+
+@app.command()
+def gate(
+    ensemble_name: Annotated[str, typer.Argument(help="candidate ensemble")],
+    split_csv: Annotated[Path, typer.Option("--split-csv", help="split manifest whose test split is locked")] = (
+        DEFAULT_SPLIT
+    ),
+    out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
+    max_auroc_drop: float = 0.02,
+    min_macro_auroc: float = 0.70,
+    min_covid_sensitivity: float = 0.70,
+    max_ece: float = 0.15,
+    bootstrap: int = 1000,
+    promote: bool = True,
+    threads: int = 2,
+) -> None:
+    """Promotion gate on the locked test split: promote ENSEMBLE_NAME only if it passes; the decision is recorded."""
+    from training.gate import GateConfig, run_gate
+
+    config = GateConfig(max_auroc_drop=max_auroc_drop, min_macro_auroc=min_macro_auroc,
+                        min_covid_sensitivity=min_covid_sensitivity, max_ece=max_ece, n_boot=bootstrap)  # fmt: skip
+    decision = run_gate(out, ensemble_name, split_csv, config, promote=promote, threads=threads)
+    for reason in decision.reasons:
+        typer.echo(reason)
+    typer.echo(f"{'ACCEPTED' if decision.accepted else 'REJECTED'}: {ensemble_name}")
+    if not decision.accepted:
+        raise typer.Exit(1)
+
+
+@app.command()
+def retrain(
+    manifest: Annotated[Path, typer.Option(help="manifest (e.g. from `merge`)")] = DEFAULT_MANIFEST,
+    arch: Annotated[list[str] | None, typer.Option(help="architecture(s); repeat for an ensemble")] = None,
+    epochs: int = 18,
+    size: int = 224,
+    work_dir: Annotated[Path, typer.Option(help="locked split + data card")] = Path("artifacts/retrain"),
+    out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
+    threads: int = 2,
+) -> None:
+    """What the scheduled Celery task runs: locked split, train, evaluate, gate, promote (or not)."""
+    from training.pipeline import RetrainConfig
+    from training.pipeline import retrain as run_retrain
+
+    config = RetrainConfig(manifest=manifest, registry_dir=out, work_dir=work_dir,
+                           architectures=tuple(arch or ["mobilenetv2_100"]), epochs=epochs, size=size,
+                           threads=threads)  # fmt: skip
+    decision = run_retrain(config, log=typer.echo)
+    if not decision.accepted:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def prepare(
     out[front + rest].to_csv(out_csv, index=False)
     card = data_card(df)
     card["info"] = {
-        "source_manifest": str(Path(manifest).resolve()),
+        "source_manifest": str(manifest),
         "source_manifest_sha256": sha256_file(Path(manifest)),
         "split_manifest_sha256": sha256_file(out_csv),
         "seed": seed,

@@ -93,6 +93,14 @@ def report_markdown(result: dict[str, Any]) -> str:
         "- models: "
         + ", ".join(f"`{v}` ({a})" for v, a in zip(result["versions"], result["architectures"], strict=True))
         + (" - ensemble = mean of probabilities" if len(result["versions"]) > 1 else ""),
+        *(
+            [
+                f"- a byte-identical copy of the split manifest is at `{result['split_manifest_copy']}` (its image "
+                "paths are relative to the original's folder)"
+            ]
+            if result.get("split_manifest_copy")
+            else []
+        ),
         "- inference path: `cxr_triage.pixels.model_input` (the same code the workers run)",
         f"- 95% CIs: percentile bootstrap, {o.get('bootstrap', {}).get('n_boot', 0)} resamples of patient groups",
         "- All numbers below were measured on this split only; groups (patients / near-duplicate groups) in it "
@@ -237,7 +245,7 @@ def evaluate(
         "versions": versions,
         "architectures": [registry.card(v).architecture for v in versions],
         "split": split,
-        "split_manifest": str(Path(split_csv).resolve()),
+        "split_manifest": str(split_csv),
         "split_manifest_sha256": sha256_file(Path(split_csv)),
         "classes": list(CLASS_LABELS),
         "overall": summarise(y, probs, groups, n_boot=n_boot, seed=seed),
@@ -245,6 +253,10 @@ def evaluate(
         "per_source": subset_table(df, y, probs, "source"),
         "reliability_bins": reliability_bins(y, probs),
     }
+    copies = [registry.version_dir(v) / "split.csv" for v in versions]
+    same = [c for c in copies if c.is_file() and sha256_file(c) == result["split_manifest_sha256"]]
+    if same:
+        result["split_manifest_copy"] = str(same[0].relative_to(registry.root))
     out_dir = Path(report_dir) if report_dir else default_report_dir(registry, versions, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
