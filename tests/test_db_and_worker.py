@@ -205,3 +205,19 @@ def test_health_command_reports_each_part_and_fails_when_the_broker_is_down(
     assert down.exit_code == 1
     assert json.loads(down.output)["broker"]["ok"] is False
     settings_module.get_settings.cache_clear()
+
+
+def test_retraining_schedule_becomes_a_beat_entry_on_the_training_queue() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from workers.celery_app import app\n"
+        "entry = app.conf.beat_schedule['retrain']\n"
+        "s = entry['schedule']\n"
+        "print(entry['task'], entry['options']['queue'], sorted(s.minute), sorted(s.hour), sorted(s.day_of_week))\n"
+    )
+    env = {**os.environ, "CXR_RETRAIN_SCHEDULE": "30 2 * * 0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cxr_triage.retrain", "training", "[30]", "[2]", "[0]"]
