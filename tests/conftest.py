@@ -155,7 +155,7 @@ class Service:
         wait_for_port(self.port, proc=proc)
         return proc
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self, queues: str = "gpu,cpu") -> subprocess.Popen[bytes]:
         return self._spawn(
             "worker",
             [
@@ -166,7 +166,7 @@ class Service:
                 "workers.celery_app",
                 "worker",
                 "-Q",
-                "gpu,cpu",
+                queues,
                 "--pool",
                 "solo",
                 "--without-gossip",

@@ -416,11 +416,7 @@ def test_retraining_through_celery_gates_promotes_and_a_running_worker_switches(
         gate_max_ece="1",
     )
     service.start_listener()
-    worker = service._spawn(
-        "worker",
-        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,cpu,training",
-         "--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
-    )  # fmt: skip
+    worker = service.start_worker(queues="gpu,cpu,training")
     first = DICOM_DIR / CHEST_FILES[0]
     assert service.storescu(first).returncode == 0
     wait_until(lambda: _all_terminal(pg_url, 1), 120, "the first triage")

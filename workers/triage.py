@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from cxr_triage.pixels import PixelDecodeError, decode_dicom, normalise, read_da
 from cxr_triage.queue import send_result
 from cxr_triage.settings import Settings
 from db import repo
-from db.models import Instance, InstanceStatus, utcnow
+from db.models import Instance, InstanceStatus, as_utc, utcnow
 from db.session import session_scope
 from workers import results
 from workers.ensemble import EnsembleProvider
@@ -52,7 +51,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
         bound.info("triage.awaiting_model")
         return TriageOutcome(InstanceStatus.AWAITING_MODEL)
 
-    queue_wait_ms = (utcnow() - _aware(queued_at)).total_seconds() * 1000 if queued_at else None
+    queue_wait_ms = (utcnow() - as_utc(queued_at)).total_seconds() * 1000 if queued_at else None
     started = time.perf_counter()
     try:
         ds = read_dataset(path)
@@ -128,11 +127,6 @@ def _queue_delivery(settings: Settings, result_id: int, bound: Any) -> None:
         return
     with session_scope(settings.effective_database_url) as session:
         repo.mark_result_queued(session, result_id)
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes (stored as UTC); PostgreSQL returns aware ones.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 __all__ = ["TriageOutcome", "torch", "triage_instance"]

@@ -8,12 +8,12 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import utcnow
+from db.models import as_utc, utcnow
 from db.worklist_models import ApiToken, User
 
 USERNAME_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
@@ -110,14 +110,10 @@ def user_for_token(session: Session, token: str) -> AuthUser | None:
     if row is None:
         return None
     api_token, user = row
-    if not user.is_active or (api_token.expires_at is not None and _aware(api_token.expires_at) < utcnow()):
+    if not user.is_active or (api_token.expires_at is not None and as_utc(api_token.expires_at) < utcnow()):
         return None
     return AuthUser(user.id, user.username)
 
 
 def revoke_token(session: Session, token: str) -> None:
     session.execute(delete(ApiToken).where(ApiToken.token_hash == _token_hash(token)))
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

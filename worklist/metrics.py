@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from db.models import Instance, InstanceStatus, Prediction
+from db.models import Instance, InstanceStatus, Prediction, as_utc
 from db.repo import status_counts
 from db.session import session_scope
 
@@ -49,7 +48,7 @@ class DatabaseCollector(Collector):
         for state in QUEUED_STATES:
             depth.add_metric([state], counts.get(state, 0))
         yield depth
-        yield _histogram([(_aware(done) - _aware(received)).total_seconds() for received, done in pairs])
+        yield _histogram([(as_utc(done) - as_utc(received)).total_seconds() for received, done in pairs])
 
 
 def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
@@ -67,7 +66,3 @@ def _histogram(values: list[float]) -> HistogramMetricFamily:
         buckets=buckets,
         sum_value=sum(values),
     )
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

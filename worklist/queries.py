@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session, aliased
 
 from cxr_triage.labels import DEMO_DISCLAIMER
-from db.models import Instance, InstanceStatus, Prediction, Study, utcnow
+from db.models import Instance, InstanceStatus, Prediction, Study, as_utc, utcnow
 from db.worklist_models import TriageResult, User, WorklistEntry
 from worklist.priority import DICOM_PRIORITIES, INDETERMINATE, PRIORITIES, RANK, ROUTINE, dicom_priority
 from worklist.schemas import InstanceDetail, PredictionDetail, StudyDetail, WorklistItem, WorklistPage
@@ -120,7 +120,7 @@ def _item(
     prediction: Prediction | None,
     reader: str | None,
 ) -> WorklistItem:
-    arrived = _aware(study.created_at)
+    arrived = as_utc(study.created_at)
     source: str
     rule: str | None
     if entry is not None and entry.rank == rank:
@@ -152,7 +152,7 @@ def _item(
         not_for_clinical_use=prediction.not_for_clinical_use if prediction is not None else None,
         heatmap_url=result.heatmap_url if result is not None else None,
         read=entry is not None and entry.read_at is not None,
-        read_at=_aware(entry.read_at) if entry is not None and entry.read_at is not None else None,
+        read_at=as_utc(entry.read_at) if entry is not None and entry.read_at is not None else None,
         read_by=reader,
     )
 
@@ -182,7 +182,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
                 view_position=instance.view_position,
                 status=instance.status,
                 status_reason=instance.status_reason,
-                received_at=_aware(instance.received_at),
+                received_at=as_utc(instance.received_at),
                 prediction=_prediction(instance, prediction, result) if prediction is not None else None,
             )
         )
@@ -220,15 +220,11 @@ def _prediction(instance: Instance, prediction: Prediction, result: TriageResult
         model_set=prediction.model_set,
         model_versions=list(prediction.model_versions),
         not_for_clinical_use=prediction.not_for_clinical_use,
-        created_at=_aware(prediction.created_at),
-        turnaround_s=(_aware(prediction.created_at) - _aware(instance.received_at)).total_seconds(),
+        created_at=as_utc(prediction.created_at),
+        turnaround_s=(as_utc(prediction.created_at) - as_utc(instance.received_at)).total_seconds(),
         priority=result.priority if result is not None else None,  # type: ignore[arg-type]
         rule=result.rule if result is not None else None,
         rule_detail=result.detail if result is not None else None,
         sr_url=result.sr_url if result is not None else None,
         heatmap_url=result.heatmap_url if result is not None else None,
     )
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
