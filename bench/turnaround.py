@@ -2,8 +2,9 @@
 
 Starts the real service (listener, one worker, API) on a temporary home, sends N chest radiographs one by one with a
 pynetdicom SCU (each a new study), polls the API for each study's prediction, and prints the distribution (p50, p95,
-max) next to its floor: the worker's own decode + inference + result-object time for the same instances, as the
-ratio turnaround / worker time. Run: `python -m bench.turnaround [--count 20] [--database-url ...] [--broker-url ...]`.
+max) next to its floor, the worker's own decode + inference time for the same instances (SR and heatmap writing,
+database and queue hops are what the ratio turnaround / worker time adds on top).
+Run: `python -m bench.turnaround [--count 20] [--database-url postgresql+psycopg://HOST/any] [--broker-url URL]`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import pydicom
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+
+from bench.ingest import PostgresDatabase
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = (
@@ -76,12 +79,14 @@ def main() -> None:
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="cxr-turnaround-"))
+    # A PostgreSQL URL names the server: the run gets a fresh database there, dropped afterwards.
+    database = PostgresDatabase(args.database_url) if args.database_url.startswith("postgresql") else None
     ports = {"dicom": free_port(), "api": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(
         {
             "CXR_HOME": str(home / "var"),
-            "CXR_DATABASE_URL": args.database_url,
+            "CXR_DATABASE_URL": database.url if database else args.database_url,
             "CXR_BROKER_URL": args.broker_url,
             "CXR_MODELS_DIR": str(args.models.resolve()),
             "CXR_PORT": str(ports["dicom"]),
@@ -123,6 +128,8 @@ def main() -> None:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if database is not None:
+            database.drop()
     report(args, turnaround, worker_ms)
     if args.keep:
         print(f"kept {home}")
