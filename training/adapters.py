@@ -110,7 +110,14 @@ def from_cohen(metadata_csv: Path, images_dir: Path | None = None) -> tuple[pd.D
     return _frame(rows), dropped
 
 
-COVIDX_LABELS = {"covid-19": COVID19, "positive": COVID19, "pneumonia": PNEUMONIA, "normal": NO_FINDING}
+# Later COVIDx versions are binary (positive / negative); "negative" then means not COVID-19, taken as No finding.
+COVIDX_LABELS = {
+    "covid-19": COVID19,
+    "positive": COVID19,
+    "pneumonia": PNEUMONIA,
+    "normal": NO_FINDING,
+    "negative": NO_FINDING,
+}
 
 
 def from_covidx(split_file: Path, images_dir: Path) -> tuple[pd.DataFrame, Counter[str]]:
@@ -125,8 +132,6 @@ def from_covidx(split_file: Path, images_dir: Path) -> tuple[pd.DataFrame, Count
             continue
         patient, filename, raw_label, source = parts[0], parts[1], parts[2].lower(), parts[3].lower()
         label = COVIDX_LABELS.get(raw_label)
-        if raw_label == "negative":
-            label = NO_FINDING
         path = Path(images_dir) / filename
         if label is None:
             dropped[f"label {raw_label}"] += 1
