@@ -76,3 +76,23 @@ def test_bootstrap_resamples_groups() -> None:
     assert again == boot
     perfect = bootstrap_ci(Y, np.eye(3)[Y], groups, n_boot=50, seed=0)
     assert perfect["accuracy_95ci"] == [1.0, 1.0]
+
+
+def test_bootstrap_gives_per_class_intervals_around_the_point_estimates() -> None:
+    import numpy as np
+
+    from training.metrics import bootstrap_ci, per_class_auroc
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    probs = rng.dirichlet(np.ones(3), size=len(y))
+    probs[np.arange(len(y)), y] += 0.8
+    probs /= probs.sum(axis=1, keepdims=True)
+    boot = bootstrap_ci(y, probs, np.arange(len(y)), n_boot=300, seed=1)
+    point_auc = per_class_auroc(y, probs)
+    for c, name in enumerate(("COVID-19", "Pneumonia", "No finding")):
+        lo, hi = boot["auroc_95ci"][name]
+        assert lo <= point_auc[name] <= hi
+        recall = float((probs[y == c].argmax(axis=1) == c).mean())
+        lo, hi = boot["recall_95ci"][name]
+        assert lo <= recall <= hi and hi - lo < 0.5

@@ -39,10 +39,12 @@ def predict(
     return total / len(versions)
 
 
-def subset_table(df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, column: str) -> dict[str, Any]:
-    """Metrics (no bootstrap) per value of `column`."""
+def subset_table(
+    df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, column: str, *, n_boot: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """Metrics per value of `column` (with patient-bootstrap CIs when n_boot > 0)."""
     return {
-        str(value): summarise(y[mask], probs[mask], df.loc[mask, "group"].to_numpy())
+        str(value): summarise(y[mask], probs[mask], df.loc[mask, "group"].to_numpy(), n_boot=n_boot, seed=seed)
         for value in sorted(df[column].unique())
         for mask in [(df[column] == value).to_numpy()]
     }
@@ -118,12 +120,16 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         "## Per class (all images of the split)",
         "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
+        "| class | precision | recall | recall 95% CI | F1 | AUROC | AUROC 95% CI | support |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    boot = o.get("bootstrap") or {}
     for c in CLASS_LABELS:
         pc = o["per_class"][c]
-        lines.append(f"| {c} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | {_fmt(pc['f1'])} | {pc['support']} |")
+        lines.append(
+            f"| {c} | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} | {_ci(boot.get('recall_95ci'), c)} | "
+            f"{_fmt(pc['f1'])} | {_fmt(o['auroc'][c])} | {_ci(boot.get('auroc_95ci'), c)} | {pc['support']} |"
+        )
     lines += [
         "",
         "## Confusion matrix (rows = true, columns = predicted)",
@@ -250,7 +256,7 @@ def evaluate(
         "classes": list(CLASS_LABELS),
         "overall": summarise(y, probs, groups, n_boot=n_boot, seed=seed),
         "adult_only": summarise(y[adult], probs[adult], groups[adult], n_boot=n_boot, seed=seed),
-        "per_source": subset_table(df, y, probs, "source"),
+        "per_source": subset_table(df, y, probs, "source", n_boot=n_boot, seed=seed),
         "reliability_bins": reliability_bins(y, probs),
     }
     copies = [registry.version_dir(v) / "split.csv" for v in versions]

@@ -92,14 +92,23 @@ def bootstrap_ci(
     members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     accs: list[float] = []
     aucs: list[float] = []
+    class_aucs: dict[str, list[float]] = {name: [] for name in CLASS_LABELS}
+    recalls: dict[str, list[float]] = {name: [] for name in CLASS_LABELS}
     for _ in range(n_boot):
         pick = rng.integers(0, len(uniq), len(uniq))
         idx = np.concatenate([members[g] for g in pick])
-        accs.append(accuracy(y[idx], probs[idx]))
-        if len(np.unique(y[idx])) == len(np.unique(y)):  # same classes as the full set, so comparable
-            auc = macro_auroc(y[idx], probs[idx])
+        yb, pb = y[idx], probs[idx]
+        accs.append(accuracy(yb, pb))
+        for c, name in enumerate(CLASS_LABELS):
+            if (yb == c).any():
+                recalls[name].append(float((pb[yb == c].argmax(axis=1) == c).mean()))
+        if len(np.unique(yb)) == len(np.unique(y)):  # same classes as the full set, so comparable
+            auc = macro_auroc(yb, pb)
             if auc is not None:
                 aucs.append(auc)
+            for name, value in per_class_auroc(yb, pb).items():
+                if value is not None:
+                    class_aucs[name].append(value)
 
     def ci(values: list[float]) -> list[float] | None:
         return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
@@ -111,6 +120,8 @@ def bootstrap_ci(
         "accuracy_95ci": ci(accs),
         "macro_auroc_95ci": ci(aucs),
         "macro_auroc_resamples_used": len(aucs),
+        "auroc_95ci": {name: ci(values) for name, values in class_aucs.items()},
+        "recall_95ci": {name: ci(values) for name, values in recalls.items()},
     }
 
 
