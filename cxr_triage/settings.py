@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # --- workers -------------------------------------------------------------------------------
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
     task_max_retries: int = Field(5, description="Retries of a transient task error before the instance fails.")
+    task_max_attempts: int = Field(
+        5, ge=1, description="Deliveries of an instance that never finished (worker died) before it is failed."
+    )
     model_poll_s: float = Field(5.0, description="How often a worker checks the registry for a new promoted set.")
 
     # --- results back to the PACS ------------------------------------------------------------

@@ -128,10 +128,17 @@ def mark_queued(session: Session, instance_id: int) -> None:
     instance.updated_at = utcnow()
 
 
-def claim(session: Session, instance_id: int) -> Instance | None:
-    """A worker takes the instance: returns None if it is already finished (a duplicate delivery)."""
+def claim(session: Session, instance_id: int, *, max_attempts: int = 5) -> Instance | None:
+    """A worker takes the instance: returns None if it is already finished (a duplicate delivery).
+
+    An instance whose processing was started `max_attempts` times without finishing (a worker crashing on it every
+    time) ends `failed` instead of being re-delivered forever.
+    """
     instance = session.get(Instance, instance_id, with_for_update=True)
     if instance is None or instance.status in InstanceStatus.TERMINAL:
+        return None
+    if (instance.attempts or 0) >= max_attempts:
+        set_status(session, instance, InstanceStatus.FAILED, f"gave up after {instance.attempts} unfinished attempts")
         return None
     instance.attempts = (instance.attempts or 0) + 1
     set_status(session, instance, InstanceStatus.PROCESSING, f"attempt {instance.attempts}")

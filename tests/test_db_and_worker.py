@@ -221,3 +221,19 @@ def test_retraining_schedule_becomes_a_beat_entry_on_the_training_queue() -> Non
     env = {**os.environ, "CXR_RETRAIN_SCHEDULE": "30 2 * * 0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["cxr_triage.retrain", "training", "[30]", "[2]", "[0]"]
+
+
+def test_an_instance_that_kills_its_worker_every_time_ends_failed(db_url: str) -> None:
+    upgrade(db_url)
+    path = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
+    with session_scope(db_url) as session:
+        instance, _ = repo.record_received(session, _received("1.2.3.4.5.9", path))
+        instance_id = instance.id
+    for _ in range(3):  # each claim is a delivery whose worker died before finishing
+        with session_scope(db_url) as session:
+            assert repo.claim(session, instance_id, max_attempts=3) is not None
+    with session_scope(db_url) as session:
+        assert repo.claim(session, instance_id, max_attempts=3) is None
+        row = session.get(Instance, instance_id)
+        assert row is not None and row.status == InstanceStatus.FAILED
+        assert row.status_reason == "gave up after 3 unfinished attempts"

@@ -34,7 +34,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
     """Idempotent: a finished instance is left alone; a repeated run writes no second prediction."""
     url = settings.effective_database_url
     with session_scope(url) as session:
-        instance = repo.claim(session, instance_id)
+        instance = repo.claim(session, instance_id, max_attempts=settings.task_max_attempts)
         if instance is None:
             return TriageOutcome("duplicate", "already finished or unknown")
         path = Path(instance.path)
