@@ -251,7 +251,7 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         "history": history,
         "fit_seconds": round(fit_seconds, 1),
         "total_seconds": round(time.monotonic() - t0, 1),
-        "split_manifest": str(Path(split_csv).resolve()),
+        "split_manifest": str(split_csv),
         "images_per_split": {str(k): int(v) for k, v in counts.items()},
         "pretrained": bool(weights),
         "torch": torch.__version__,
