@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc; do
+for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if [ "${1:-}" = "--with-services" ]; then

@@ -443,3 +443,33 @@ def test_retraining_through_celery_gates_promotes_and_a_running_worker_switches(
         model_sets = [p.model_set for p in session.scalars(select(Prediction).order_by(Prediction.id))]
     assert model_sets == ["test", new_name], "the same worker process switched ensembles without a restart"
     assert worker.poll() is None
+
+
+def test_listener_speaks_dicom_tls_and_refuses_plain_associations(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cxr-triage-test",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    service = service_factory(
+        database_url=pg_url, broker_url=redis_url, models_dir=tiny_registry.root, tls_cert=str(cert), tls_key=str(key)
+    )
+    service.start_listener()
+    ae = AE(ae_title="TLSPROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    secure = ae.associate("127.0.0.1", service.port, ae_title="CXRTRIAGE", tls_args=(context, "127.0.0.1"))
+    assert secure.is_established
+    assert secure.send_c_echo().Status == 0
+    secure.release()
+    plain = ae.associate("127.0.0.1", service.port, ae_title="CXRTRIAGE")
+    assert not plain.is_established
