@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from cxr_triage.labels import CLASS_LABELS
@@ -72,6 +71,3 @@ def save_state(model: nn.Module, weights: Path, *, half: bool = True) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-__all__ = ["PAPER_ARCHITECTURES", "count_parameters", "create_model", "load_state", "save_state", "torch"]

@@ -248,6 +248,3 @@ def main() -> None:
         app.add_typer(training_app, name="training", help="Dataset, training, evaluation, promotion gate.")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
-
-
-__all__ = ["Path", "app", "main"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_triage.labels import CLASS_LABELS, COVID19, label_index
+from cxr_triage.labels import COVID19, label_index
 from cxr_triage.registry import Registry, write_json_atomic
 from training.dataset import read_split_manifest, sha256_file
 from training.metrics import expected_calibration_error, macro_auroc
@@ -202,6 +202,3 @@ def record_decision(registry: Registry, decision: GateDecision) -> Path:
     with log.open("a") as fh:
         fh.write(json.dumps(asdict(decision), sort_keys=True) + "\n")
     return path
-
-
-__all__ = ["CLASS_LABELS", "GateConfig", "GateDecision", "decide", "run_gate"]

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cxr_triage.logs import get_logger
 from cxr_triage.pixels import PixelDecodeError, decode_dicom, normalise, read_dataset
 from cxr_triage.queue import send_result
@@ -127,6 +125,3 @@ def _queue_delivery(settings: Settings, result_id: int, bound: Any) -> None:
         return
     with session_scope(settings.effective_database_url) as session:
         repo.mark_result_queued(session, result_id)
-
-
-__all__ = ["TriageOutcome", "torch", "triage_instance"]
