@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from sqlalchemy import select
+
 from cxr_triage.logs import get_logger
 from cxr_triage.queue import send_result, send_triage
 from cxr_triage.registry import Registry
@@ -53,7 +55,8 @@ class Dispatcher:
                 stale_before=repo.stale_cutoff(self.settings.requeue_after_s),
                 model_available=registry.promoted_name() is not None,
             )
-            pending = [(i, session.get(Instance, i).sop_instance_uid) for i in ids]  # type: ignore[union-attr]
+            rows = session.execute(select(Instance.id, Instance.sop_instance_uid).where(Instance.id.in_(ids)))
+            pending = sorted((int(i), str(uid)) for i, uid in rows)
         self._down_until = 0.0  # the outbox always probes the broker
         sent = 0
         for instance_id, sop_uid in pending:

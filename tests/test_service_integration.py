@@ -292,10 +292,8 @@ def _series_by_modality(orthanc, study_uid: str) -> dict[str, list[str]]:
     return out
 
 
-def test_orthanc_forwards_a_radiograph_and_receives_the_sr_and_heatmap(
-    pg_url, redis_url, tiny_registry, service_factory, tmp_path
-):
-    dicom_port = free_port()
+def _service_sending_to_pacs(service_factory, pg_url, redis_url, tiny_registry, dicom_port, **overrides):
+    """Listener and worker whose results go to ORTHANC@127.0.0.1:dicom_port, retried after 1 s, 2 s, ..."""
     service = service_factory(
         database_url=pg_url,
         broker_url=redis_url,
@@ -303,9 +301,18 @@ def test_orthanc_forwards_a_radiograph_and_receives_the_sr_and_heatmap(
         results_destination_aet="ORTHANC",
         results_destination_port=str(dicom_port),
         results_retry_base_s="1",
+        **overrides,
     )
     service.start_listener()
     service.start_worker()
+    return service
+
+
+def test_orthanc_forwards_a_radiograph_and_receives_the_sr_and_heatmap(
+    pg_url, redis_url, tiny_registry, service_factory, tmp_path
+):
+    dicom_port = free_port()
+    service = _service_sending_to_pacs(service_factory, pg_url, redis_url, tiny_registry, dicom_port)
     orthanc = _orthanc(tmp_path, service, dicom_port=dicom_port)
     orthanc.start()
     try:
@@ -354,17 +361,9 @@ def test_results_are_retried_while_the_pacs_is_down_and_delivered_when_it_return
     pg_url, redis_url, tiny_registry, service_factory, tmp_path
 ):
     dicom_port = free_port()
-    service = service_factory(
-        database_url=pg_url,
-        broker_url=redis_url,
-        models_dir=tiny_registry.root,
-        results_destination_aet="ORTHANC",
-        results_destination_port=str(dicom_port),
-        results_retry_base_s="1",
-        results_heatmap="false",
+    service = _service_sending_to_pacs(
+        service_factory, pg_url, redis_url, tiny_registry, dicom_port, results_heatmap="false"
     )
-    service.start_listener()
-    service.start_worker()
     source = DICOM_DIR / "dx_chest_nih_cxr14_implicit_le_label-no-finding.dcm"
     assert service.storescu(source).returncode == 0
 

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from cxr_triage.labels import CLASS_LABELS
 from workers.ensemble import Ensemble
-from workers.sr import MANUFACTURER, TriageResult, _sanitise_copied_attributes, with_type2_defaults
+from workers.sr import MANUFACTURER, TriageResult, sanitise_copied_attributes, with_type2_defaults
 
 SC_SERIES_NUMBER = 9902
 HEATMAP_TEXT = "AI heatmap - not for diagnosis"
@@ -100,5 +100,5 @@ def build_heatmap_sc(source: Dataset, rgb: np.ndarray, result: TriageResult) -> 
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.DerivationDescription = f"Grad-CAM of {result.label} by cxr-triage {result.model_set}"[:1024]
-    _sanitise_copied_attributes(sc)
+    sanitise_copied_attributes(sc)
     return sc

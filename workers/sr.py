@@ -101,7 +101,7 @@ def _contributing_equipment_item(result: TriageResult) -> Dataset:
     return item
 
 
-def _sanitise_copied_attributes(ds: Dataset) -> None:
+def sanitise_copied_attributes(ds: Dataset) -> None:
     """Repair values copied from the source that are invalid for their VR (we must not write invalid objects)."""
     age = str(ds.get("PatientAge", "") or "")
     if age and not re.fullmatch(r"\d{3}[DWMY]", age):
@@ -188,7 +188,7 @@ def build_sr(source: Dataset, result: TriageResult) -> hd.sr.Comprehensive3DSR:
     equipment: list[Dataset] = list(sr.get("ContributingEquipmentSequence", []))
     equipment.append(_contributing_equipment_item(result))
     sr.ContributingEquipmentSequence = DicomSequence(equipment)  # type: ignore[assignment]
-    _sanitise_copied_attributes(sr)
+    sanitise_copied_attributes(sr)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
     scheme.CodingSchemeName = "cxr-triage probabilities"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cxr_triage.logs import configure_logging
 from cxr_triage.settings import get_settings
@@ -34,33 +36,30 @@ def _url() -> str:
     return url
 
 
-@users_app.command("create")
-def users_create(
-    username: str,
-    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
-) -> None:
-    """Create a user (the password is stored as a scrypt hash)."""
+PASSWORD_STDIN = typer.Option(False, "--password-stdin", help="Read the password from standard input.")
+
+
+def _with_password(change: Callable[[Session, str, str], object], username: str, password_stdin: bool) -> None:
+    """Read the password, apply `change` in one transaction; an AuthError becomes a usage error."""
     password = _password(password_stdin)
     try:
         with session_scope(_url()) as session:
-            create_user(session, username, password)
+            change(session, username, password)
     except AuthError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+@users_app.command("create")
+def users_create(username: str, password_stdin: bool = PASSWORD_STDIN) -> None:
+    """Create a user (the password is stored as a scrypt hash)."""
+    _with_password(create_user, username, password_stdin)
     console.print(f"created user {username}")
 
 
 @users_app.command("passwd")
-def users_passwd(
-    username: str,
-    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
-) -> None:
+def users_passwd(username: str, password_stdin: bool = PASSWORD_STDIN) -> None:
     """Change a user's password (signs out their browser sessions)."""
-    password = _password(password_stdin)
-    try:
-        with session_scope(_url()) as session:
-            set_password(session, username, password)
-    except AuthError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    _with_password(set_password, username, password_stdin)
     console.print(f"password changed for {username}")
 
 
