@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from cxr_triage.labels import CLASS_LABELS
+from cxr_triage.pixels import IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS
 
 # The seed paper's eight architectures, by timm name.
 PAPER_ARCHITECTURES: tuple[str, ...] = (
@@ -27,24 +30,53 @@ def create_model(
     *,
     num_classes: int = len(CLASS_LABELS),
     pretrained_weights: Path | None = None,
+    input_normalisation: str = "imagenet",
 ) -> nn.Module:
-    """Build `architecture` with a fresh `num_classes` head.
+    """Build `architecture` with a fresh `num_classes` head, taking the pipeline's ImageNet-normalised input.
 
     `pretrained_weights` is a local ImageNet checkpoint (timm's state dict, .pth or .safetensors); nothing is
-    downloaded. Its classifier is dropped, so the head starts fresh.
+    downloaded. Its classifier is dropped, so the head starts fresh. `input_normalisation` (a key of
+    `cxr_triage.pixels.NORMALISATIONS`) is what the weights expect; see `adapt_input`.
     """
     if architecture not in timm.list_models():
         raise ValueError(f"unknown timm architecture {architecture!r}")
     if pretrained_weights is None:
-        return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
-    if not Path(pretrained_weights).is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {pretrained_weights}")
-    model = timm.create_model(
-        architecture,
-        pretrained=True,
-        num_classes=num_classes,
-        pretrained_cfg_overlay={"file": str(pretrained_weights)},
-    )
+        model = timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+    else:
+        if not Path(pretrained_weights).is_file():
+            raise FileNotFoundError(f"pretrained weights not found: {pretrained_weights}")
+        model = timm.create_model(
+            architecture,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay={"file": str(pretrained_weights)},
+        )
+    return adapt_input(model, input_normalisation)
+
+
+def adapt_input(model: nn.Module, normalisation: str) -> nn.Module:
+    """Make `model` accept ImageNet-normalised input when its weights expect `normalisation`.
+
+    A forward pre-hook on the first convolution maps x -> x * std_in / std + (mean_in - mean) / std per channel:
+    exact, before the convolution pads, and it applies to `forward`, `forward_features` (Grad-CAM) and training
+    alike. The state dict is unchanged.
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown input normalisation {normalisation!r}; known: {sorted(NORMALISATIONS)}")
+    if normalisation == "imagenet":
+        return model
+    mean, std = NORMALISATIONS[normalisation]
+    scale = torch.tensor([a / b for a, b in zip(IMAGENET_STD, std, strict=True)])[None, :, None, None]
+    shift = torch.tensor([(a - m) / b for a, m, b in zip(IMAGENET_MEAN, mean, std, strict=True)])[None, :, None, None]
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or first.in_channels != 3:
+        raise ValueError("cannot adapt the input: the model's first convolution does not take 3 channels")
+
+    def renormalise(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype), *args[1:])
+
+    first.register_forward_pre_hook(renormalise)
     return model
 
 

@@ -17,6 +17,13 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 PREPROCESSING_VERSION = "cxr-pixels-1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Input normalisations a model can expect (mean, std per channel of the [0, 1] grey image expanded to 3 channels).
+# The pipeline always produces ImageNet-normalised tensors; a model trained with another normalisation converts
+# them exactly (`cxr_triage.architectures`), so one decoded input serves every member of an ensemble.
+NORMALISATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # TF style: pixels scaled to [-1, 1]
+}
 
 
 class PixelDecodeError(Exception):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_triage.labels import CLASS_LABELS
-from cxr_triage.pixels import PREPROCESSING_VERSION
+from cxr_triage.pixels import NORMALISATIONS, PREPROCESSING_VERSION
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,6 +60,8 @@ class ModelCard:
     input_size: int = 224
     classes: tuple[str, ...] = CLASS_LABELS
     preprocessing_version: str = PREPROCESSING_VERSION
+    input_normalisation: str = "imagenet"
+    initial_weights: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=_now)
     not_for_clinical_use: bool = True
     status: str = "candidate"
@@ -79,6 +81,8 @@ class ModelCard:
             raise ValueError(f"model classes {self.classes} differ from {CLASS_LABELS}")
         if self.status not in ("candidate", "promoted", "rejected", "retired"):
             raise ValueError(f"invalid status {self.status!r}")
+        if self.input_normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown input normalisation {self.input_normalisation!r}")
         if self.input_size < 32:
             raise ValueError(f"input_size too small: {self.input_size}")
 
@@ -96,18 +100,57 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class EnsembleSpec:
-    """A named set of model versions whose mean probability is the triage output."""
+    """A named set of model versions and how their probabilities become the triage output.
+
+    `weights` (one per member; empty = equal) and `temperature` feed `cxr_triage.ensembling.combine`;
+    `operating_point` holds the STAT/routine thresholds chosen on validation (empty = the settings' defaults);
+    `ood` names the out-of-distribution detector ({"member", "file", "threshold", ...}; empty = none);
+    `selection` records how the set was chosen and calibrated (free-form, for the card).
+    """
 
     name: str
     members: tuple[str, ...]
     created_at: str = field(default_factory=_now)
     note: str = ""
+    weights: tuple[float, ...] = ()
+    temperature: float = 1.0
+    operating_point: dict[str, float] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"invalid ensemble name {self.name!r}")
         if not self.members:
             raise ValueError("an ensemble needs at least one member")
+        if self.weights and (len(self.weights) != len(self.members) or min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise ValueError(f"need one non-negative weight per member, got {self.weights} for {self.members}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.operating_point:
+            from cxr_triage.ensembling import OperatingPoint
+
+            OperatingPoint(**self.operating_point)  # validates
+        if self.ood and (self.ood.get("member") not in self.members or not self.ood.get("file")):
+            raise ValueError(f"ood must name a member and a file, got {self.ood}")
+
+    def operating(self) -> Any:
+        """The `OperatingPoint` of this set (defaults when none was chosen)."""
+        from cxr_triage.ensembling import OperatingPoint
+
+        return OperatingPoint(**self.operating_point)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["members"], out["weights"] = list(self.members), list(self.weights)
+        return out
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> EnsembleSpec:
+        known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
+        known["members"] = tuple(known["members"])
+        known["weights"] = tuple(known.get("weights", ()))
+        return cls(**known)
 
 
 class Registry:
@@ -144,27 +187,21 @@ class Registry:
         for member in spec.members:
             self.card(member)
             self.weights(member)
-        write_json_atomic(
-            self.root / "ensembles" / f"{spec.name}.json",
-            {
-                "name": spec.name,
-                "members": list(spec.members),
-                "created_at": spec.created_at,
-                "note": spec.note,
-            },
-        )
+        if spec.ood:
+            detector = self.root / "ensembles" / spec.ood["file"]
+            if not detector.is_file():
+                raise RegistryError(f"ensemble {spec.name}: OOD detector {detector} not found")
+        write_json_atomic(self.root / "ensembles" / f"{spec.name}.json", spec.to_json())
 
     def ensemble(self, name: str) -> EnsembleSpec:
         path = self.root / "ensembles" / f"{name}.json"
         if not path.is_file():
             raise RegistryError(f"no ensemble named {name!r} at {path}")
-        payload = json.loads(path.read_text())
-        return EnsembleSpec(
-            name=payload["name"],
-            members=tuple(payload["members"]),
-            created_at=payload.get("created_at", ""),
-            note=payload.get("note", ""),
-        )
+        return EnsembleSpec.from_json(json.loads(path.read_text()))
+
+    def ood_file(self, spec: EnsembleSpec) -> Path | None:
+        """The OOD detector of `spec` (None when it has none)."""
+        return self.root / "ensembles" / spec.ood["file"] if spec.ood else None
 
     def ensembles(self) -> list[str]:
         base = self.root / "ensembles"

@@ -101,11 +101,19 @@ class Settings(BaseSettings):
     # The worklist API and page (worklist/) and its priority rules (worklist/priority.py).
     api_host: str = Field("127.0.0.1", description="Address the worklist API and page bind.")
     api_port: int = Field(8080, ge=1, le=65535, description="Port of the worklist API and page.")
-    stat_threshold: float = Field(
-        0.5, gt=0, le=1, description="STAT when the COVID-19 or Pneumonia probability is at least this."
+    stat_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="STAT when the COVID-19 or Pneumonia probability is at least this; empty = the promoted "
+        "set's operating point (chosen on validation), else 0.5.",
     )
-    routine_threshold: float = Field(
-        0.8, gt=0, le=1, description="Routine only when the No finding probability is at least this."
+    routine_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Routine only when the No finding probability is at least this; empty = the promoted set's "
+        "operating point, else 0.8.",
     )
     indeterminate_margin: float = Field(
         0.05, ge=0, lt=1, description="A probability this close to a threshold is indeterminate (for a human)."
@@ -141,6 +149,8 @@ class Settings(BaseSettings):
         "results_tls_ca",
         "retrain_manifest",
         "retrain_work_dir",
+        "stat_threshold",
+        "routine_threshold",
         mode="before",
     )
     @classmethod

@@ -128,6 +128,11 @@ class Prediction(Base):
     decode_ms: Mapped[float] = mapped_column(Float)
     inference_ms: Mapped[float] = mapped_column(Float)
     not_for_clinical_use: Mapped[bool] = mapped_column(default=True)
+    # Squared Mahalanobis distance of the OOD member's features (None: the set has no detector) and its verdict.
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    out_of_distribution: Mapped[bool | None] = mapped_column(nullable=True)
+    # The set's operating point when the label was decided ({"stat_threshold", "routine_threshold"}).
+    operating_point: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")

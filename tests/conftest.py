@@ -78,6 +78,8 @@ def make_tiny_registry(
         registry.version_dir(version).mkdir(parents=True, exist_ok=True)
         save_state(create_model(arch), registry.version_dir(version) / "model.safetensors")
         registry.write_card(ModelCard(version=version, architecture=arch, device_uid=generate_uid(), input_size=size))
+        # Random weights trained on nothing: an empty training split, so evaluation's leak check has a record.
+        (registry.version_dir(version) / "split.csv").write_text("path,label,patient_id,source,group,split,sha256\n")
         versions.append(version)
     registry.write_ensemble(EnsembleSpec(name="test", members=tuple(versions)))
     registry.promote("test", reason="test fixture")

@@ -94,8 +94,103 @@ def test_locked_prepare_keeps_every_placed_group_where_it_was(tmp_path) -> None:
     split_csv = tmp_path / "split.csv"
     first = prepare(manifest, split_csv, seed=3).set_index("group")["split"]
     # More data arrives (new patients); a different seed would reshuffle everything if the split were not locked.
-    bigger = make_dataset(tmp_path / "data", patients_per_label=14)
-    second = prepare(bigger, split_csv, seed=4, locked=True).set_index("group")["split"]
+    from training.fixtures import write_png
+
+    rows = pd.read_csv(manifest)
+    extra = []
+    for i in range(18):
+        rel = f"images/new_{i}.png"
+        write_png(tmp_path / "data" / rel, seed=10_000 + i)
+        extra.append({**rows.iloc[i % len(rows)].to_dict(), "path": rel, "patient_id": f"src:new-{i}"})
+    pd.concat([rows, pd.DataFrame(extra)]).to_csv(manifest, index=False)
+    prov = pd.read_csv(tmp_path / "data" / "provenance.csv")
+    extra_prov = pd.DataFrame({"path": [e["path"] for e in extra], "split_group": [e["patient_id"] for e in extra]})
+    pd.concat([prov, extra_prov]).to_csv(tmp_path / "data" / "provenance.csv", index=False)
+    second = prepare(manifest, split_csv, seed=4, locked=True).set_index("group")["split"]
     assert (second.loc[first.index] == first).all()
     assert set(second.index) - set(first.index)
     assert set(second) <= {"train", "valid", "test"}
+
+
+def _copy_dataset_regrouped(src, dst) -> None:
+    """The same images under new paths, with every patient joined to the next (as `training merge` regroups)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = pd.read_csv(dst / "manifest.csv")
+    manifest["path"] = ["renamed/" + p.replace("/", "_") for p in manifest["path"]]
+    (dst / "renamed").mkdir()
+    for old, new in zip(pd.read_csv(src / "manifest.csv")["path"], manifest["path"], strict=True):
+        shutil.move(dst / old, dst / new)
+    manifest.to_csv(dst / "manifest.csv", index=False)
+    prov = pd.DataFrame({"path": manifest["path"], "split_group": [f"merged-{i // 2}" for i in range(len(manifest))]})
+    prov.to_csv(dst / "provenance.csv", index=False)
+
+
+def test_prepare_locked_to_a_registry_split_keeps_each_image_by_hash(tmp_path) -> None:
+    """A new user's `merge` + `prepare` (new paths, regrouped near-duplicates) cannot move a trained image to test."""
+    from training.dataset import read_lock, write_lock
+    from training.fixtures import make_dataset
+
+    manifest = make_dataset(tmp_path / "data", patients_per_label=10)
+    shipped = prepare(manifest, tmp_path / "shipped.csv", seed=0)
+    lock_path = tmp_path / "models" / "split.csv"
+    write_lock(shipped, lock_path)
+    lock = read_lock(lock_path)
+    _copy_dataset_regrouped(tmp_path / "data", tmp_path / "merged")
+
+    unlocked = prepare(tmp_path / "merged" / "manifest.csv", tmp_path / "unlocked.csv", seed=0)
+    assert (unlocked["sha256"].map(lock) != unlocked["split"]).any()  # without the lock the split moves (the bug)
+
+    relocked = prepare(tmp_path / "merged" / "manifest.csv", tmp_path / "locked.csv", seed=0, lock=lock_path)
+    before = relocked["sha256"].map(lock)
+    trained = set(relocked.loc[before.isin(["train", "valid"]), "sha256"])
+    assert not trained & set(relocked.loc[relocked["split"] == "test", "sha256"])  # no trained image in test
+    assert (relocked.groupby("group")["split"].nunique() == 1).all()  # groups still never cross splits
+    kept = (relocked["split"] == before).mean()
+    assert kept > 0.6  # most images keep their split; the rest moved to a more restrictive one
+    moved = relocked[relocked["split"] != before]
+    order = {"train": 0, "valid": 1, "test": 2}
+    assert all(order[a] < order[b] for a, b in zip(moved["split"], before[moved.index], strict=True))
+    card = json.loads((tmp_path / "locked.card.json").read_text())
+    assert card["info"]["locked_images"] == len(relocked) and card["info"]["new_images"] == 0
+
+
+def test_prepare_assigns_only_new_images_when_locked(tmp_path) -> None:
+    from training.dataset import write_lock
+    from training.fixtures import make_dataset
+
+    first = prepare(make_dataset(tmp_path / "data", patients_per_label=6), tmp_path / "a.csv", seed=0)
+    write_lock(first, tmp_path / "lock.csv")
+    bigger = prepare(make_dataset(tmp_path / "data", patients_per_label=12), tmp_path / "b.csv", seed=5,
+                     lock=tmp_path / "lock.csv")  # fmt: skip
+    old = bigger["sha256"].isin(set(first["sha256"]))
+    assert (bigger.loc[old].set_index("sha256")["split"] == first.set_index("sha256")["split"]).all()
+    assert (~old).sum() == len(bigger) - len(first)
+    with pytest.raises(FileNotFoundError, match="locked split"):
+        prepare(tmp_path / "data" / "manifest.csv", tmp_path / "c.csv", lock=tmp_path / "missing.csv")
+
+
+def test_evaluating_a_model_on_its_own_training_images_fails_clearly(tmp_path, tiny_registry) -> None:
+    import shutil
+
+    from training.dataset import SplitLeakError
+    from training.evaluate import evaluate
+    from training.fixtures import make_dataset
+
+    split_csv = tmp_path / "split.csv"
+    prepare(make_dataset(tmp_path / "data", patients_per_label=6), split_csv, seed=0)
+    version = tiny_registry.ensemble("test").members[0]
+    shutil.copyfile(split_csv, tiny_registry.version_dir(version) / "split.csv")  # "trained" on this split
+    evaluate(tiny_registry.root, [version], split_csv, split="test", n_boot=0)  # unseen test images: fine
+    # The same training images under another path and another split label: caught by hash, not by path.
+    _copy_dataset_regrouped(tmp_path / "data", tmp_path / "copy")
+    relabelled = prepare(tmp_path / "copy" / "manifest.csv", tmp_path / "bad.csv", seed=1)
+    relabelled.loc[:, "split"] = "test"
+    out = relabelled.drop(columns=["abs_path"]).copy()
+    out["path"] = [str(p) for p in relabelled["abs_path"]]
+    out.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(
+        SplitLeakError, match=r"train/valid split of model mobilenetv2_100-test \(matched by image hash\)"
+    ):
+        evaluate(tiny_registry.root, [version], tmp_path / "bad.csv", split="test", n_boot=0)

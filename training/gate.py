@@ -57,12 +57,14 @@ class GateDecision:
     decided_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-def covid_sensitivity(y: np.ndarray, probs: np.ndarray) -> float | None:
+def covid_sensitivity(y: np.ndarray, probs: np.ndarray, labels: np.ndarray | None = None) -> float | None:
+    """Share of COVID-19 images labelled COVID-19 (`labels` at the set's operating point; default the argmax)."""
     covid = label_index(COVID19)
     positives = y == covid
     if not positives.any():
         return None
-    return float((probs[positives].argmax(axis=1) == covid).mean())
+    predicted = probs.argmax(axis=1) if labels is None else np.asarray(labels)
+    return float((predicted[positives] == covid).mean())
 
 
 def paired_auroc_delta(
@@ -97,12 +99,13 @@ def decide(
     *,
     candidate_name: str,
     promoted_name: str | None,
+    candidate_labels: np.ndarray | None = None,
 ) -> GateDecision:
     """Apply the rules to predictions on the locked test split (pure: no files, no registry)."""
     reasons: list[str] = []
     accepted = True
     auroc = macro_auroc(y, candidate)
-    sensitivity = covid_sensitivity(y, candidate)
+    sensitivity = covid_sensitivity(y, candidate, candidate_labels)
     ece = expected_calibration_error(y, candidate)
     metrics: dict[str, Any] = {"macro_auroc": auroc, "covid_sensitivity": sensitivity, "ece_10bins": ece}
     if promoted is None:
@@ -153,8 +156,14 @@ def run_gate(
     promote: bool = True,
     threads: int = 2,
 ) -> GateDecision:
-    """Evaluate candidate and promoted ensembles on the locked test split, decide, record, and promote if accepted."""
-    from training.evaluate import predict
+    """Evaluate candidate and promoted ensembles on the locked test split, decide, record, and promote if accepted.
+
+    Both sets are scored as they run in the service (weights, temperature, operating point). Every test image is
+    checked by hash against every member's training and validation split first (`evaluate.check_unseen`).
+    """
+    from cxr_triage.ensembling import labels_at
+    from training.evaluate import ensemble_probabilities
+    from training.metrics import within_source
 
     registry = Registry(registry_dir)
     df = read_split_manifest(Path(split_csv), "test")
@@ -164,10 +173,10 @@ def run_gate(
     paths = list(df["abs_path"])
     groups = df["group"].to_numpy()
     candidate_spec = registry.ensemble(candidate_ensemble)
-    candidate = predict(registry, list(candidate_spec.members), paths, threads=threads)
+    candidate = ensemble_probabilities(registry, candidate_spec, paths, threads=threads)
     promoted_spec = registry.promoted()
     promoted = (
-        predict(registry, list(promoted_spec.members), paths, threads=threads)
+        ensemble_probabilities(registry, promoted_spec, paths, threads=threads)
         if promoted_spec is not None and promoted_spec.name != candidate_ensemble
         else None
     )
@@ -179,7 +188,13 @@ def run_gate(
         config,
         candidate_name=candidate_ensemble,
         promoted_name=promoted_spec.name if promoted is not None and promoted_spec is not None else None,
+        candidate_labels=labels_at(candidate, candidate_spec.operating()),
     )
+    # The shortcut checks travel with every decision (recorded, not gated: see the README for their goals).
+    decision.metrics["within_source"] = within_source(
+        y, candidate, df["source"].to_numpy(), groups, n_boot=config.n_boot, seed=config.seed
+    )
+    decision.metrics["operating_point"] = candidate_spec.operating_point or None
     decision = GateDecision(**{**asdict(decision), "split_manifest_sha256": sha256_file(Path(split_csv))})
     record_decision(registry, decision)
     if decision.accepted and promote:

