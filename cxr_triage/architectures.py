@@ -11,6 +11,7 @@ from torch import nn
 
 from cxr_triage.labels import CLASS_LABELS
 from cxr_triage.pixels import IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS
+from cxr_triage.registry import ModelCard
 
 # The seed paper's eight architectures, by timm name.
 PAPER_ARCHITECTURES: tuple[str, ...] = (
@@ -31,12 +32,14 @@ def create_model(
     num_classes: int = len(CLASS_LABELS),
     pretrained_weights: Path | None = None,
     input_normalisation: str = "imagenet",
+    border_mask: float = 0.0,
 ) -> nn.Module:
     """Build `architecture` with a fresh `num_classes` head, taking the pipeline's ImageNet-normalised input.
 
     `pretrained_weights` is a local ImageNet checkpoint (timm's state dict, .pth or .safetensors); nothing is
     downloaded. Its classifier is dropped, so the head starts fresh. `input_normalisation` (a key of
-    `cxr_triage.pixels.NORMALISATIONS`) is what the weights expect; see `adapt_input`.
+    `cxr_triage.pixels.NORMALISATIONS`) is what the weights expect; `border_mask` blanks that fraction of each
+    edge (where markers and text sit); see `adapt_input`.
     """
     if architecture not in timm.list_models():
         raise ValueError(f"unknown timm architecture {architecture!r}")
@@ -51,19 +54,28 @@ def create_model(
             num_classes=num_classes,
             pretrained_cfg_overlay={"file": str(pretrained_weights)},
         )
-    return adapt_input(model, input_normalisation)
+    return adapt_input(model, input_normalisation, border_mask=border_mask)
 
 
-def adapt_input(model: nn.Module, normalisation: str) -> nn.Module:
-    """Make `model` accept ImageNet-normalised input when its weights expect `normalisation`.
+def load_member(card: ModelCard, weights: Path) -> nn.Module:
+    """The model a card describes (architecture, input adaptation) with its trained weights, in eval mode."""
+    model = create_model(card.architecture, input_normalisation=card.input_normalisation, border_mask=card.border_mask)
+    return load_state(model, weights).eval()
 
-    A forward pre-hook on the first convolution maps x -> x * std_in / std + (mean_in - mean) / std per channel:
-    exact, before the convolution pads, and it applies to `forward`, `forward_features` (Grad-CAM) and training
-    alike. The state dict is unchanged.
+
+def adapt_input(model: nn.Module, normalisation: str, *, border_mask: float = 0.0) -> nn.Module:
+    """Make `model` accept the pipeline's ImageNet-normalised input when its weights expect `normalisation`, and
+    blank `border_mask` of each edge.
+
+    A forward pre-hook on the first convolution maps x -> x * std_in / std + (mean_in - mean) / std per channel
+    (exact, before the convolution pads), then sets the outer band to 0 (the mean grey): it applies to `forward`,
+    `forward_features` (Grad-CAM) and training alike, and the state dict is unchanged.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown input normalisation {normalisation!r}; known: {sorted(NORMALISATIONS)}")
-    if normalisation == "imagenet":
+    if not 0.0 <= border_mask < 0.5:
+        raise ValueError(f"border_mask must be in [0, 0.5), got {border_mask}")
+    if normalisation == "imagenet" and border_mask == 0.0:
         return model
     mean, std = NORMALISATIONS[normalisation]
     scale = torch.tensor([a / b for a, b in zip(IMAGENET_STD, std, strict=True)])[None, :, None, None]
@@ -74,7 +86,15 @@ def adapt_input(model: nn.Module, normalisation: str) -> nn.Module:
 
     def renormalise(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
-        return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype), *args[1:])
+        if normalisation != "imagenet":
+            x = x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
+        if border_mask > 0.0:
+            h, w = x.shape[-2:]
+            dh, dw = round(border_mask * h), round(border_mask * w)
+            keep = torch.zeros((h, w), dtype=x.dtype, device=x.device)
+            keep[dh : h - dh, dw : w - dw] = 1
+            x = x * keep
+        return (x, *args[1:])
 
     first.register_forward_pre_hook(renormalise)
     return model

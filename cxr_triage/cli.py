@@ -182,15 +182,33 @@ def models_list() -> None:
     """Model versions and ensembles; the promoted one is marked."""
     registry = Registry(get_settings().models_dir)
     promoted = registry.promoted_name()
-    table = Table("version", "architecture", "size", "status", "device UID")
+    table = Table("version", "architecture", "size", "status", "initial weights", "licence", "weights file")
     for version in registry.versions():
         card = registry.card(version)
-        table.add_row(version, card.architecture, str(card.input_size), card.status, card.device_uid)
+        init = card.initial_weights or {"kind": "scratch"}
+        origin = init.get("distribution") or init.get("file") or "from scratch"
+        has_weights = (registry.version_dir(version) / "model.safetensors").is_file()
+        table.add_row(version, card.architecture, str(card.input_size), card.status, origin, init.get("licence", ""),
+                      "yes" if has_weights else "no (card and report only)")  # fmt: skip
     console.print(table)
     for name in registry.ensembles():
         spec = registry.ensemble(name)
         mark = " (promoted)" if name == promoted else ""
-        console.print(f"ensemble {name}{mark}: {', '.join(spec.members)}")
+        tuned = sum(1 for m in spec.members if registry.card(m).initial_weights.get("kind") not in (None, "scratch"))
+        extra = f"; {tuned} of {len(spec.members)} fine-tuned from ImageNet" if tuned else ""
+        if spec.operating_point:
+            extra += f"; T={spec.temperature}, STAT >= {spec.operating_point['stat_threshold']}"
+        if spec.ood:
+            extra += f"; OOD detector on {spec.ood['member']}"
+        console.print(f"ensemble {name}{mark}: {', '.join(spec.members)}{extra}")
+
+
+@models_app.command("prune")
+def models_prune() -> None:
+    """Keep weights only for the promoted ensemble and the one before it (rollback); cards and reports stay."""
+    registry = Registry(get_settings().models_dir)
+    removed = registry.prune_weights()
+    console.print(f"removed the weights of {len(removed)} version(s): {', '.join(removed) or '-'}")
 
 
 @models_app.command("show")

@@ -61,6 +61,7 @@ class ModelCard:
     classes: tuple[str, ...] = CLASS_LABELS
     preprocessing_version: str = PREPROCESSING_VERSION
     input_normalisation: str = "imagenet"
+    border_mask: float = 0.0  # fraction of each edge blanked before the network (cxr_triage.architectures)
     initial_weights: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=_now)
     not_for_clinical_use: bool = True
@@ -116,6 +117,7 @@ class EnsembleSpec:
     temperature: float = 1.0
     operating_point: dict[str, float] = field(default_factory=dict)
     ood: dict[str, Any] = field(default_factory=dict)
+    tta: tuple[str, ...] = ()  # test-time augmentation: "hflip" = mean of the image and its mirror image
     selection: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +127,8 @@ class EnsembleSpec:
             raise ValueError("an ensemble needs at least one member")
         if self.weights and (len(self.weights) != len(self.members) or min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError(f"need one non-negative weight per member, got {self.weights} for {self.members}")
+        if set(self.tta) - {"hflip"}:
+            raise ValueError(f"unknown test-time augmentation {self.tta}; known: hflip")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.operating_point:
@@ -142,7 +146,7 @@ class EnsembleSpec:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["members"], out["weights"] = list(self.members), list(self.weights)
+        out["members"], out["weights"], out["tta"] = list(self.members), list(self.weights), list(self.tta)
         return out
 
     @classmethod
@@ -150,6 +154,7 @@ class EnsembleSpec:
         known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
         known["members"] = tuple(known["members"])
         known["weights"] = tuple(known.get("weights", ()))
+        known["tta"] = tuple(known.get("tta", ()))
         return cls(**known)
 
 
@@ -238,6 +243,31 @@ class Registry:
         previous = history[-2]["ensemble"]
         self.promote(previous, reason=f"rollback from {history[-1]['ensemble']}")
         return str(previous)
+
+    def rollback_target(self) -> str | None:
+        """The ensemble `rollback` would re-promote (the one promoted before the current one), if any."""
+        history = [h["ensemble"] for h in self._promoted_payload().get("history", [])]
+        current = self.promoted_name()
+        earlier = [name for name in history[:-1] if name != current]
+        return str(earlier[-1]) if earlier else None
+
+    def prune_weights(self) -> list[str]:
+        """Delete the weights of every version outside the promoted ensemble and its rollback target.
+
+        Cards, reports and split records stay (rejected and retired versions remain documented); returns the
+        versions whose weights were removed.
+        """
+        keep: set[str] = set()
+        for name in (self.promoted_name(), self.rollback_target()):
+            if name:
+                keep.update(self.ensemble(name).members)
+        removed = []
+        for version in self.versions():
+            weights = self.version_dir(version) / WEIGHTS_FILE
+            if version not in keep and weights.is_file():
+                weights.unlink()
+                removed.append(version)
+        return removed
 
     def promoted_stamp(self) -> float:
         """Modification time of the pointer (0 when absent): cheap to poll between tasks."""

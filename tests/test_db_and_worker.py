@@ -237,3 +237,21 @@ def test_an_instance_that_kills_its_worker_every_time_ends_failed(db_url: str) -
         row = session.get(Instance, instance_id)
         assert row is not None and row.status == InstanceStatus.FAILED
         assert row.status_reason == "gave up after 3 unfinished attempts"
+
+
+def test_prune_keeps_weights_of_the_promoted_set_and_its_rollback_target_only(tmp_path: Path) -> None:
+    registry = make_tiny_registry(tmp_path / "models", architectures=("mobilenetv2_100", "resnet18", "densenet121"))
+    a, b, c = registry.ensemble("test").members
+    registry.write_ensemble(EnsembleSpec(name="old", members=(a,)))
+    registry.write_ensemble(EnsembleSpec(name="older", members=(c,)))
+    registry.write_ensemble(EnsembleSpec(name="new", members=(b,)))
+    for name in ("older", "old", "new"):
+        registry.promote(name)
+    assert registry.rollback_target() == "old"
+    removed = registry.prune_weights()
+    assert sorted(removed) == [c]  # `test` and `older` are neither promoted nor the rollback target
+    assert (registry.version_dir(a) / "model.safetensors").is_file()
+    assert (registry.version_dir(c) / "card.json").is_file()  # card and records stay
+    with pytest.raises(RegistryError):
+        registry.promote("older")  # no weights any more: it cannot be promoted by mistake
+    assert registry.rollback() == "old"

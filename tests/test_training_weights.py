@@ -94,3 +94,19 @@ def test_input_adapter_feeds_tf_normalised_pixels_to_tf_weights() -> None:
     assert torch.allclose(features, plain.forward_features(unit * 2 - 1), atol=1e-5)
     with pytest.raises(ValueError, match="unknown input normalisation"):
         create_model("tf_efficientnet_lite0", input_normalisation="caffe")
+
+
+def test_border_mask_hides_the_edges_where_markers_sit() -> None:
+    torch.manual_seed(0)
+    model: Any = create_model("mobilenetv2_100", border_mask=0.1).eval()
+    x = torch.randn(1, 3, 64, 64)
+    marked = x.clone()
+    marked[..., :5, :] = 9.0  # a burned-in label along the top edge (6 px = 10 % of 64 are blanked)
+    marked[..., :, -6:] = -9.0
+    centre = x.clone()
+    centre[..., 30:34, 30:34] = 9.0
+    with torch.no_grad():
+        assert torch.allclose(model(marked), model(x))
+        assert not torch.allclose(model(centre), model(x))
+    with pytest.raises(ValueError, match="border_mask"):
+        create_model("mobilenetv2_100", border_mask=0.6)

@@ -399,3 +399,22 @@ def test_sr_and_heatmap_written_by_the_worker_are_linked_and_served(
     assert client.get("/api/results/1.2.3.4/preview.png").status_code == 404
     with TestClient(create_app(settings)) as anonymous:
         assert anonymous.get(prediction["sr_url"]).status_code == 401
+
+
+def test_out_of_distribution_overrides_every_confident_rule() -> None:
+    confident_covid = {COVID19: 0.97, PNEUMONIA: 0.02, NO_FINDING: 0.01}
+    decision = evaluate(confident_covid, {}, RULES, ood_score=812.0, out_of_distribution=True)
+    assert (decision.priority, decision.rule) == ("indeterminate", "indeterminate-out-of-distribution")
+    assert "out of distribution" in decision.detail and "812" in decision.detail
+    assert evaluate(confident_covid, {}, RULES, ood_score=40.0, out_of_distribution=False).priority == "stat"
+
+
+def test_thresholds_come_from_the_model_sets_operating_point_unless_the_site_sets_them(tmp_path: Path) -> None:
+    point = {"stat_threshold": 0.3, "routine_threshold": 0.6}
+    rules = Rules.from_settings(Settings(home=tmp_path), point)
+    assert (rules.stat_threshold, rules.routine_threshold) == (0.3, 0.6)
+    site = Rules.from_settings(Settings(home=tmp_path, stat_threshold=0.45), point)
+    assert (site.stat_threshold, site.routine_threshold) == (0.45, 0.6)
+    assert Rules.from_settings(Settings(home=tmp_path), None).stat_threshold == 0.5
+    probs = {COVID19: 0.35, PNEUMONIA: 0.05, NO_FINDING: 0.60}
+    assert evaluate(probs, {}, rules).priority == "stat"  # 0.35 >= the set's 0.3

@@ -66,6 +66,7 @@ def fit(
     pretrained_weights: Annotated[Path | None, typer.Option(help="same as --init FILE")] = None,
     freeze_epochs: Annotated[int, typer.Option(help="fine-tune: epochs with the body frozen before --epochs")] = 0,
     balance: Annotated[str, typer.Option(help="'none' or 'source_label' (balanced sampling)")] = "none",
+    border_mask: Annotated[float, typer.Option(help="fraction of each edge blanked (training and inference)")] = 0.0,
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
     version: Annotated[str | None, typer.Option(help="version name (default <arch>-<date>-<n>)")] = None,
 ) -> None:
@@ -85,6 +86,7 @@ def fit(
         pretrained_weights=str(pretrained_weights) if pretrained_weights else (None if init == "scratch" else init),
         freeze_epochs=freeze_epochs,
         balance=balance,
+        border_mask=border_mask,
     )
     name = do_fit(split_csv, out, cfg, version=version, log=typer.echo)
     typer.echo(name)

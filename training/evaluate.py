@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr_triage.architectures import create_model, load_state
+from cxr_triage.architectures import load_member
 from cxr_triage.ensembling import combine, labels_at
 from cxr_triage.labels import CLASS_LABELS, COVID19, DEMO_DISCLAIMER, NO_FINDING, PNEUMONIA, label_index
 from cxr_triage.ood import MahalanobisDetector
@@ -84,26 +84,36 @@ def ensemble_probabilities(
 ) -> np.ndarray:
     """(N, 3) probabilities of ensemble `spec` as the workers compute them (weights, temperature)."""
     check_unseen(registry, list(spec.members), paths, forbidden=forbidden)
-    members = member_probabilities(registry, list(spec.members), paths, batch_size=batch_size, threads=threads)
+    members = member_probabilities(
+        registry, list(spec.members), paths, batch_size=batch_size, threads=threads, hflip="hflip" in spec.tta
+    )
     return combine(members, spec.weights, spec.temperature)
 
 
 @torch.no_grad()
 def member_probabilities(
-    registry: Registry, versions: list[str], paths: list[str], *, batch_size: int = 32, threads: int = 2
+    registry: Registry,
+    versions: list[str],
+    paths: list[str],
+    *,
+    batch_size: int = 32,
+    threads: int = 2,
+    hflip: bool = False,
 ) -> np.ndarray:
-    """Softmax probabilities per member, (M, N, 3); no split check (callers check)."""
+    """Softmax probabilities per member, (M, N, 3); with `hflip`, the mean over the image and its mirror image (as
+    the workers do for a set with tta=["hflip"]). No split check (callers check)."""
     torch.set_num_threads(threads)
     out = np.zeros((len(versions), len(paths), len(CLASS_LABELS)), dtype=np.float64)
     for m, version in enumerate(versions):
         card = registry.card(version)
-        model = load_state(
-            create_model(card.architecture, input_normalisation=card.input_normalisation), registry.weights(version)
-        ).eval()
+        model = load_member(card, registry.weights(version)).eval()
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             x = torch.stack([model_input(Path(p), card.input_size) for p in chunk])
-            out[m, start : start + len(chunk)] = torch.softmax(model(x).float(), dim=1).double().numpy()
+            probs = torch.softmax(model(x).float(), dim=1)
+            if hflip:
+                probs = (probs + torch.softmax(model(x.flip(-1)).float(), dim=1)) / 2
+            out[m, start : start + len(chunk)] = probs.double().numpy()
     return out
 
 

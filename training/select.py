@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr_triage.architectures import PAPER_ARCHITECTURES, create_model, load_state
+from cxr_triage.architectures import PAPER_ARCHITECTURES, load_member
 from cxr_triage.ensembling import OperatingPoint, apply_temperature, combine
 from cxr_triage.labels import COVID19, DEMO_DISCLAIMER, NO_FINDING, label_index
 from cxr_triage.ood import MahalanobisDetector
@@ -123,9 +123,7 @@ def choose_operating_point(
 def pooled_features(registry: Registry, version: str, paths: list[str], *, batch_size: int = 32) -> np.ndarray:
     """(N, D) pooled pre-logit features of `version` for the files, through the inference pixel path."""
     card = registry.card(version)
-    model: Any = load_state(
-        create_model(card.architecture, input_normalisation=card.input_normalisation), registry.weights(version)
-    ).eval()
+    model: Any = load_member(card, registry.weights(version)).eval()
     out = []
     for start in range(0, len(paths), batch_size):
         x = torch.stack([model_input(Path(p), card.input_size) for p in paths[start : start + batch_size]])
@@ -184,10 +182,15 @@ def select(
     y = np.array([label_index(label) for label in valid["label"]])
     paths = list(valid["abs_path"])
     check_unseen(registry, candidates, paths, forbidden=("train",))  # validation may be used to choose, never train
-    log(f"predicting {len(paths)} validation images with {len(candidates)} candidates ...")
-    probs = member_probabilities(registry, candidates, paths, threads=threads)
+    log(f"predicting {len(paths)} validation images with {len(candidates)} candidates (and mirrored) ...")
+    plain = member_probabilities(registry, candidates, paths, threads=threads)
+    mirrored = member_probabilities(registry, candidates, paths, threads=threads, hflip=True)
+    allowed = lambda vs: constraints.allows([cards[v] for v in vs])  # noqa: E731
+    options = {tta: (p, *choose_subset(y, p, candidates, allowed)) for tta, p in (((), plain), (("hflip",), mirrored))}
+    # Test-time augmentation only when it helps the best set on validation.
+    tta = max(options, key=lambda k: (options[k][2][0]["valid_macro_auroc"] or 0.0, -len(k)))
+    probs, members, ranking = options[tta]
     single = {v: macro_auroc(y, probs[i]) for i, v in enumerate(candidates)}
-    members, ranking = choose_subset(y, probs, candidates, lambda vs: constraints.allows([cards[v] for v in vs]))
     idx = [candidates.index(m) for m in members]
     mean = combine(probs[idx])
     temperature, nll = fit_temperature(y, mean)
@@ -215,6 +218,11 @@ def select(
         "constraints": constraints.__dict__,
         "single_member_valid_macro_auroc": single,
         "best_subsets": ranking[:10],
+        "tta": {
+            "chosen": list(tta),
+            "best_valid_macro_auroc_without": options[()][2][0]["valid_macro_auroc"],
+            "best_valid_macro_auroc_with_hflip": options[("hflip",)][2][0]["valid_macro_auroc"],
+        },
         "subsets_considered": len(ranking),
         "temperature": {"value": temperature, **nll},
         "operating_point": op_stats,
@@ -227,6 +235,7 @@ def select(
         temperature=round(temperature, 4),
         operating_point={"stat_threshold": point.stat_threshold, "routine_threshold": point.routine_threshold},
         ood={"member": ood_member, "file": ood_file, "threshold": detector.threshold, "method": "mahalanobis"},
+        tta=tta,
         selection=selection,
     )
     registry.write_ensemble(spec)

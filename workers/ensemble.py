@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr_triage.architectures import create_model, load_state
+from cxr_triage.architectures import load_member
 from cxr_triage.ensembling import OperatingPoint, combine, labels_at
 from cxr_triage.labels import CLASS_LABELS
 from cxr_triage.logs import get_logger
@@ -99,7 +99,10 @@ class Ensemble:
                     scores = self.detector.score(pooled.float().cpu())
                 else:
                     logits = model(batch)
-            per_member[member.card.version] = torch.softmax(logits.float(), dim=1).cpu()
+                member_probs = torch.softmax(logits.float(), dim=1)
+                if "hflip" in self.spec.tta:
+                    member_probs = (member_probs + torch.softmax(model(batch.flip(-1)).float(), dim=1)) / 2
+            per_member[member.card.version] = member_probs.cpu()
         stacked = torch.stack(list(per_member.values())).double().numpy()
         combined = combine(stacked, self.spec.weights, self.spec.temperature)
         labels = labels_at(combined, self.operating_point)
@@ -135,13 +138,7 @@ def load_ensemble(registry: Registry, name: str, device: torch.device) -> Ensemb
                 f"model {version} expects preprocessing {card.preprocessing_version}, "
                 f"this code implements {PREPROCESSING_VERSION}"
             )
-        model = (
-            load_state(
-                create_model(card.architecture, input_normalisation=card.input_normalisation), registry.weights(version)
-            )
-            .eval()
-            .to(device)
-        )
+        model = load_member(card, registry.weights(version)).to(device)
         members.append(Member(card, model))
     ood_file = registry.ood_file(spec)
     detector = MahalanobisDetector.load(ood_file) if ood_file is not None else None
