@@ -7,6 +7,7 @@ page likewise. Four chest films of the locked test split (NIH, wrapped in DICOM)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def _text_page(out: Path) -> Path:
 def test_non_chest_and_text_pages_are_indeterminate_while_chest_films_are_not(
     pg_url, redis_url, service_factory, tmp_path
 ):
-    registry = Registry(ROOT / "models")
+    registry = Registry(Path(os.environ.get("CXR_TEST_MODELS_DIR", ROOT / "models")))
     spec = registry.promoted()
     assert spec is not None and spec.ood, "the shipped ensemble must carry an OOD detector"
     service = service_factory(database_url=pg_url, broker_url=redis_url, models_dir=registry.root)

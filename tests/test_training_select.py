@@ -130,3 +130,37 @@ def test_within_source_metrics_ignore_the_source_shortcut() -> None:
     assert result["cohen_covid_vs_pneumonia"]["n_images"] == 40
     assert set(result["leave_one_source_out"]) == {"cohen", "nih_cxr14"}
     assert len(CLASS_LABELS) == 3
+
+
+def test_select_writes_a_calibrated_set_with_an_ood_detector_that_the_worker_loads(tmp_path, tiny_registry) -> None:
+    import shutil
+
+    from cxr_triage.pixels import model_input
+    from training.dataset import prepare
+    from training.fixtures import make_dataset
+    from training.select import select
+    from workers.ensemble import load_ensemble
+
+    split_csv = tmp_path / "split.csv"
+    prepare(make_dataset(tmp_path / "data", patients_per_label=10), split_csv, seed=0)
+    version = tiny_registry.ensemble("test").members[0]
+    shutil.copyfile(split_csv, tiny_registry.version_dir(version) / "split.csv")
+    spec = select(
+        tiny_registry.root,
+        [version],
+        split_csv,
+        "chosen",
+        constraints=Constraints(min_members=1, min_pretrained_lite=0, min_paper=0),
+        threads=1,
+        log=lambda *_: None,
+    )
+    assert spec.members == (version,) and spec.temperature > 0
+    assert 0 < spec.operating_point["stat_threshold"] <= 1 and spec.ood["member"] == version
+    assert spec.selection["split"] == "valid" and spec.selection["ood"]["n_valid"] > 0
+    stored = tiny_registry.ensemble("chosen")
+    assert stored == spec
+    ensemble = load_ensemble(tiny_registry, "chosen", torch.device("cpu"))
+    test_image = tmp_path / "data" / "images" / "0_0_0.png"
+    out = ensemble.predict_batch({64: model_input(test_image, 64)[None]})[0]
+    assert out.ood_score is not None and isinstance(out.out_of_distribution, bool)
+    assert abs(sum(out.probabilities.values()) - 1) < 1e-5

@@ -194,3 +194,19 @@ def test_evaluating_a_model_on_its_own_training_images_fails_clearly(tmp_path, t
         SplitLeakError, match=r"train/valid split of model mobilenetv2_100-test \(matched by image hash\)"
     ):
         evaluate(tiny_registry.root, [version], tmp_path / "bad.csv", split="test", n_boot=0)
+
+
+def test_fit_refuses_a_split_that_loosens_the_registry_lock(tmp_path) -> None:
+    from training.dataset import check_against_lock, write_lock
+    from training.fixtures import make_dataset
+
+    df = prepare(make_dataset(tmp_path / "data", patients_per_label=6), tmp_path / "a.csv", seed=0)
+    write_lock(df, tmp_path / "lock.csv")
+    assert check_against_lock(read_split_manifest(tmp_path / "a.csv"), tmp_path / "lock.csv")["locked_images"] == 18
+    loose = read_split_manifest(tmp_path / "a.csv")
+    loose.loc[loose["split"] == "train", "split"] = "test"  # trained images would become test images
+    with pytest.raises(ValueError, match="would leave their locked split"):
+        check_against_lock(loose, tmp_path / "lock.csv")
+    strict = read_split_manifest(tmp_path / "a.csv")
+    strict.loc[strict["split"] == "test", "split"] = "train"  # more restrictive: allowed, counted
+    assert check_against_lock(strict, tmp_path / "lock.csv")["moved_to_a_more_restrictive_split"] > 0

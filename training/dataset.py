@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
@@ -153,6 +154,32 @@ class SplitLeakError(ValueError):
     """Images to be evaluated were used to train or select a model (the message names them)."""
 
 
+def check_against_lock(df: pd.DataFrame, lock_path: Path) -> dict[str, int]:
+    """Refuse a split manifest that loosens the registry's lock (ValueError naming an example).
+
+    A locked training image may not become a validation or test image, nor a validation image a test image (a
+    model would be selected or tested on what it was trained on). Moves the other way are what `prepare` does to a
+    group spanning locked splits, and are counted. Returns {"locked_images", "moved_to_a_more_restrictive_split"}.
+    """
+    lock = read_lock(lock_path)
+    df = add_hashes(df)
+    before = df["sha256"].map(lambda h: lock.get(h, "")).astype(str)
+    locked = before != ""
+    rank = {name: i for i, name in enumerate(_RESTRICTIVE)}
+    looser = locked & (df["split"].map(rank) > before.map(lambda s: rank.get(s, 0)))
+    if looser.any():
+        i = int(np.flatnonzero(looser.to_numpy())[0])
+        raise ValueError(
+            f"{int(looser.sum())} image(s) of the split manifest would leave their locked split in {lock_path}, e.g. "
+            f"{df['path'].iloc[i]} ({before.iloc[i]} -> {df['split'].iloc[i]}). Run `training prepare` (it locks to "
+            "the registry's split by default)."
+        )
+    return {
+        "locked_images": int(locked.sum()),
+        "moved_to_a_more_restrictive_split": int((locked & ~looser & (df["split"] != before)).sum()),
+    }
+
+
 def add_hashes(df: pd.DataFrame) -> pd.DataFrame:
     """Add (or keep) the `sha256` of each image's bytes: the identity of an image, whatever its path."""
     if "sha256" in df.columns and (df["sha256"].astype(str).str.len() == 64).all():
@@ -177,6 +204,24 @@ def write_lock(df: pd.DataFrame, path: Path) -> None:
         out["path"] = out["rel_path"]
     path.parent.mkdir(parents=True, exist_ok=True)
     out[list(LOCK_COLUMNS)].sort_values(["split", "sha256"]).to_csv(path, index=False)
+
+
+def extend_lock(lock_path: Path, split_records: list[Path]) -> int:
+    """Add to the registry's lock the images of `split_records` (members' split.csv) it does not hold yet; images
+    it holds keep their split. Returns the number of images added."""
+    frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in split_records if Path(p).is_file()]
+    frames = [f for f in frames if "sha256" in f.columns]
+    current = pd.read_csv(lock_path, dtype=str, keep_default_na=False) if Path(lock_path).is_file() else None
+    known = set(current["sha256"]) if current is not None else set()
+    new = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(LOCK_COLUMNS))
+    new = new[~new["sha256"].isin(known)].drop_duplicates("sha256")
+    if new.empty:
+        return 0
+    merged = pd.concat([current, new[list(LOCK_COLUMNS)]] if current is not None else [new[list(LOCK_COLUMNS)]])
+    tmp = Path(lock_path).with_suffix(".tmp")
+    merged.sort_values(["split", "sha256"]).to_csv(tmp, index=False)
+    tmp.replace(lock_path)
+    return len(new)
 
 
 def locked_splits(df: pd.DataFrame, lock: dict[str, str]) -> tuple[pd.Series, dict[str, int]]:

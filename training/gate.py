@@ -22,7 +22,7 @@ import numpy as np
 
 from cxr_triage.labels import COVID19, label_index
 from cxr_triage.registry import Registry, write_json_atomic
-from training.dataset import read_split_manifest, sha256_file
+from training.dataset import LOCKED_SPLIT_FILE, extend_lock, read_split_manifest, sha256_file
 from training.metrics import expected_calibration_error, macro_auroc
 
 
@@ -199,6 +199,10 @@ def run_gate(
     record_decision(registry, decision)
     if decision.accepted and promote:
         registry.promote(candidate_ensemble, reason="gate: " + "; ".join(decision.reasons))
+        # The promoted set's images join the registry's locked split (images it already holds keep theirs).
+        extend_lock(
+            registry.root / LOCKED_SPLIT_FILE, [registry.version_dir(m) / "split.csv" for m in candidate_spec.members]
+        )
     in_service = set(promoted_spec.members) if promoted_spec is not None else set()
     for version in candidate_spec.members:
         card = registry.card(version)

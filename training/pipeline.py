@@ -9,7 +9,7 @@ from typing import Any
 
 from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.registry import EnsembleSpec, Registry
-from training.dataset import prepare
+from training.dataset import LOCKED_SPLIT_FILE, prepare
 from training.gate import GateConfig, GateDecision, run_gate
 
 
@@ -43,7 +43,8 @@ def retrain(config: RetrainConfig, *, log: Any = print) -> GateDecision:
 
     config.work_dir.mkdir(parents=True, exist_ok=True)
     split_csv = config.work_dir / "split.csv"
-    prepare(config.manifest, split_csv, seed=config.seed, locked=True)
+    lock = config.registry_dir / LOCKED_SPLIT_FILE
+    prepare(config.manifest, split_csv, seed=config.seed, locked=True, lock=lock if lock.is_file() else None)
     log(f"split written to {split_csv}")
     versions = []
     for architecture in config.architectures:

@@ -28,7 +28,7 @@ from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import model_input
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
 from training.dataset import read_split_manifest
-from training.metrics import macro_auroc
+from training.metrics import macro_auroc, within_source
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,20 @@ def select(
     tta = max(options, key=lambda k: (options[k][2][0]["valid_macro_auroc"] or 0.0, -len(k)))
     probs, members, ranking = options[tta]
     single = {v: macro_auroc(y, probs[i]) for i, v in enumerate(candidates)}
+    sources, groups = valid["source"].to_numpy(), valid["group"].to_numpy()
+    shortcut = {  # what each candidate (and so each training recipe) does where the source gives nothing away
+        v: {
+            "cohen_covid_vs_pneumonia_auroc": within_source(y, probs[i], sources, groups, n_boot=0)[
+                "cohen_covid_vs_pneumonia"
+            ]["auroc"],
+            "recipe": {
+                "init": cards[v].initial_weights.get("kind", "scratch"),
+                "sampling": cards[v].training.get("sampling", "none"),
+                "border_mask": cards[v].border_mask,
+            },
+        }
+        for i, v in enumerate(candidates)
+    }
     idx = [candidates.index(m) for m in members]
     mean = combine(probs[idx])
     temperature, nll = fit_temperature(y, mean)
@@ -217,6 +231,7 @@ def select(
         "n_valid_images": len(paths),
         "constraints": constraints.__dict__,
         "single_member_valid_macro_auroc": single,
+        "single_member_valid_within_source": shortcut,
         "best_subsets": ranking[:10],
         "tta": {
             "chosen": list(tta),

@@ -34,7 +34,7 @@ from cxr_triage.architectures import create_model, save_state
 from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
 from cxr_triage.pixels import PREPROCESSING_VERSION, load_image, normalise
 from cxr_triage.registry import ModelCard, Registry
-from training.dataset import read_split_manifest, sha256_file
+from training.dataset import LOCKED_SPLIT_FILE, check_against_lock, read_split_manifest, sha256_file
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,8 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
     torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed, reproducible=True)
     df = read_split_manifest(split_csv)
+    lock_path = Path(registry_dir) / LOCKED_SPLIT_FILE
+    lock_stats = check_against_lock(df, lock_path) if lock_path.is_file() else {}
     dls = make_dataloaders(df, cfg)
     valid_labels = set(df.loc[df["split"] == "valid", "label"])
     metrics: list[Any] = [accuracy]
@@ -345,6 +347,7 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         "total_seconds": round(time.monotonic() - t0, 1),
         "split_manifest": str(split_csv),
         "images_per_split": {str(k): int(v) for k, v in counts.items()},
+        "locked_split": {"file": str(lock_path), **lock_stats} if lock_stats else None,
         "pretrained": bool(initial_weights),
         "torch": torch.__version__,
         "seed": cfg.seed,
