@@ -199,6 +199,9 @@ def select(
     covid_sensitivity: Annotated[float, typer.Option(help="COVID-19 sensitivity target on validation")] = 0.95,
     max_disease_routine: float = 0.05,
     ood_quantile: float = 0.99,
+    criterion: Annotated[
+        str, typer.Option(help="'pooled' (macro AUROC) or 'pooled+within' (mean with the Cohen-only AUROC)")
+    ] = "pooled+within",
     threads: int = 2,
 ) -> None:
     """Choose the member set, temperature, operating point and OOD threshold on the validation split only."""
@@ -209,7 +212,7 @@ def select(
                               min_pretrained_lite=min_pretrained_lite, min_paper=min_paper)  # fmt: skip
     spec = do_select(out, list(candidates), split_csv, name, constraints=constraints,
                      covid_sensitivity=covid_sensitivity, max_disease_routine=max_disease_routine,
-                     ood_quantile=ood_quantile, threads=threads, log=typer.echo)  # fmt: skip
+                     ood_quantile=ood_quantile, criterion=criterion, threads=threads, log=typer.echo)  # fmt: skip
     typer.echo(f"ensemble {spec.name}: {', '.join(spec.members)}; T={spec.temperature}; {spec.operating_point}; "
                f"OOD on {spec.ood['member']} at {spec.ood['threshold']:.1f}")  # fmt: skip
 

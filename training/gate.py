@@ -203,13 +203,15 @@ def run_gate(
         extend_lock(
             registry.root / LOCKED_SPLIT_FILE, [registry.version_dir(m) / "split.csv" for m in candidate_spec.members]
         )
+    from dataclasses import replace
+
     in_service = set(promoted_spec.members) if promoted_spec is not None else set()
     for version in candidate_spec.members:
         card = registry.card(version)
-        if card.status == "candidate" and version not in in_service:
-            from dataclasses import replace
-
-            registry.write_card(replace(card, status="promoted" if decision.accepted and promote else "rejected"))
+        if decision.accepted and promote and card.status != "promoted":
+            registry.write_card(replace(card, status="promoted"))  # also a member an earlier, stricter gate refused
+        elif not decision.accepted and card.status == "candidate" and version not in in_service:
+            registry.write_card(replace(card, status="rejected"))
     return decision
 
 
