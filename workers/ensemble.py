@@ -92,16 +92,19 @@ class Ensemble:
         for member in self.members:
             batch = inputs[member.card.input_size].to(self.device)
             model: Any = member.model
+            n = batch.shape[0]
+            if "hflip" in self.spec.tta:
+                batch = torch.cat([batch, batch.flip(-1)])  # image and mirror image in one forward pass
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 if member.card.version == self.ood_member and self.detector is not None:
                     pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
                     logits = model.get_classifier()(pooled)
-                    scores = self.detector.score(pooled.float().cpu())
+                    scores = self.detector.score(pooled[:n].float().cpu())  # the image as sent, not its mirror
                 else:
                     logits = model(batch)
-                member_probs = torch.softmax(logits.float(), dim=1)
-                if "hflip" in self.spec.tta:
-                    member_probs = (member_probs + torch.softmax(model(batch.flip(-1)).float(), dim=1)) / 2
+            member_probs = torch.softmax(logits.float(), dim=1)
+            if "hflip" in self.spec.tta:
+                member_probs = (member_probs[:n] + member_probs[n:]) / 2
             per_member[member.card.version] = member_probs.cpu()
         stacked = torch.stack(list(per_member.values())).double().numpy()
         combined = combine(stacked, self.spec.weights, self.spec.temperature)
