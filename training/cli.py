@@ -107,21 +107,26 @@ def evaluate(
     batch: int = 32,
 ) -> None:
     """Evaluate version(s) on a split; writes metrics.json, report.md and plots."""
+    from training.dataset import SplitLeakError
     from training.evaluate import evaluate as do_evaluate
 
     if not versions and not ensemble:
         raise typer.BadParameter("give version(s) or --ensemble")
-    result = do_evaluate(
-        out,
-        list(versions or []),
-        split_csv,
-        split=split,
-        report_dir=report_dir,
-        n_boot=bootstrap,
-        threads=threads,
-        batch_size=batch,
-        ensemble=ensemble,
-    )
+    try:
+        result = do_evaluate(
+            out,
+            list(versions or []),
+            split_csv,
+            split=split,
+            report_dir=report_dir,
+            n_boot=bootstrap,
+            threads=threads,
+            batch_size=batch,
+            ensemble=ensemble,
+        )
+    except SplitLeakError as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(2) from None
     overall = result["overall"]
     cohen = result["within_source"]["cohen_covid_vs_pneumonia"]["auroc"]
     typer.echo(f"accuracy {overall['accuracy']:.4f}  macro AUROC {overall['macro_auroc']}  Cohen COVID-19 vs "
@@ -294,7 +299,13 @@ def gate(
 
     config = GateConfig(max_auroc_drop=max_auroc_drop, min_macro_auroc=min_macro_auroc,
                         min_covid_sensitivity=min_covid_sensitivity, max_ece=max_ece, n_boot=bootstrap)  # fmt: skip
-    decision = run_gate(out, ensemble_name, split_csv, config, promote=promote, threads=threads)
+    from training.dataset import SplitLeakError
+
+    try:
+        decision = run_gate(out, ensemble_name, split_csv, config, promote=promote, threads=threads)
+    except SplitLeakError as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(2) from None
     for reason in decision.reasons:
         typer.echo(reason)
     typer.echo(f"{'ACCEPTED' if decision.accepted else 'REJECTED'}: {ensemble_name}")
