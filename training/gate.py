@@ -23,7 +23,7 @@ import numpy as np
 from cxr_triage.labels import COVID19, label_index
 from cxr_triage.registry import Registry, write_json_atomic
 from training.dataset import LOCKED_SPLIT_FILE, extend_lock, read_split_manifest, sha256_file
-from training.metrics import expected_calibration_error, macro_auroc
+from training.metrics import expected_calibration_error, group_resamples, macro_auroc
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,8 @@ def paired_auroc_delta(
     y: np.ndarray, candidate: np.ndarray, promoted: np.ndarray, groups: np.ndarray, *, n_boot: int, seed: int
 ) -> dict[str, Any]:
     """Candidate - promoted macro AUROC with a 95 % percentile interval, resampling groups (same draws for both)."""
-    rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     deltas: list[float] = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in group_resamples(groups, n_boot, seed):
         if len(np.unique(y[idx])) < len(np.unique(y)):
             continue
         a, b = macro_auroc(y[idx], candidate[idx]), macro_auroc(y[idx], promoted[idx])

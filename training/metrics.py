@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -83,20 +84,25 @@ def confusion(y: np.ndarray, probs: np.ndarray) -> list[list[int]]:
     return cm.tolist()
 
 
+def group_resamples(groups: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of `n_boot` bootstrap resamples of patient groups (drawn with replacement, all rows of a group)."""
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+
+
 def bootstrap_ci(
     y: np.ndarray, probs: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """95 % percentile CIs for accuracy and macro AUROC, resampling groups (patients) with replacement."""
-    rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    n_groups = len(np.unique(groups))
     accs: list[float] = []
     aucs: list[float] = []
     class_aucs: dict[str, list[float]] = {name: [] for name in CLASS_LABELS}
     recalls: dict[str, list[float]] = {name: [] for name in CLASS_LABELS}
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
+    for idx in group_resamples(groups, n_boot, seed):
         yb, pb = y[idx], probs[idx]
         accs.append(accuracy(yb, pb))
         for c, name in enumerate(CLASS_LABELS):
@@ -116,7 +122,7 @@ def bootstrap_ci(
     return {
         "n_boot": n_boot,
         "unit": "patient group",
-        "n_groups": len(uniq),
+        "n_groups": n_groups,
         "accuracy_95ci": ci(accs),
         "macro_auroc_95ci": ci(aucs),
         "macro_auroc_resamples_used": len(aucs),
@@ -166,7 +172,6 @@ def binary_auroc_ci(
     positive: np.ndarray, score: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """AUROC of `score` for `positive` (bool) with a 95 % patient-group bootstrap CI; None when one class is absent."""
-    from sklearn.metrics import roc_auc_score
 
     positive, score, groups = np.asarray(positive, bool), np.asarray(score, float), np.asarray(groups)
     out: dict[str, Any] = {
@@ -178,17 +183,13 @@ def binary_auroc_ci(
     if positive.all() or not positive.any():
         return out
     out["auroc"] = float(roc_auc_score(positive, score))
-    rng = np.random.default_rng(seed)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     values: list[float] = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in group_resamples(groups, n_boot, seed):
         if 0 < positive[idx].sum() < len(idx):
             values.append(float(roc_auc_score(positive[idx], score[idx])))
     if values:
         out["auroc_95ci"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
-    out["n_groups"] = len(uniq)
+    out["n_groups"] = len(np.unique(groups))
     return out
 
 
@@ -206,18 +207,14 @@ def within_source(
     covid, pneu, normal = (CLASS_LABELS.index(c) for c in ("COVID-19", "Pneumonia", "No finding"))
     y, probs, sources, groups = np.asarray(y), np.asarray(probs), np.asarray(sources), np.asarray(groups)
     out: dict[str, Any] = {}
-    mask = (sources == "cohen") & np.isin(y, [covid, pneu])
-    p = probs[mask]
-    out["cohen_covid_vs_pneumonia"] = binary_auroc_ci(
-        y[mask] == covid, p[:, covid] / np.clip(p[:, covid] + p[:, pneu], 1e-12, None), groups[mask], n_boot=n_boot,
-        seed=seed,
-    )  # fmt: skip
-    mask = (sources == "nih_cxr14") & np.isin(y, [pneu, normal])
-    p = probs[mask]
-    out["nih_pneumonia_vs_no_finding"] = binary_auroc_ci(
-        y[mask] == pneu, p[:, pneu] / np.clip(p[:, pneu] + p[:, normal], 1e-12, None), groups[mask], n_boot=n_boot,
-        seed=seed,
-    )  # fmt: skip
+    for key, source, positive, negative in (
+        ("cohen_covid_vs_pneumonia", "cohen", covid, pneu),
+        ("nih_pneumonia_vs_no_finding", "nih_cxr14", pneu, normal),
+    ):
+        mask = (sources == source) & np.isin(y, [positive, negative])
+        p = probs[mask]
+        score = p[:, positive] / np.clip(p[:, positive] + p[:, negative], 1e-12, None)
+        out[key] = binary_auroc_ci(y[mask] == positive, score, groups[mask], n_boot=n_boot, seed=seed)
     out["leave_one_source_out"] = {
         str(s): {
             "macro_auroc": macro_auroc(y[sources != s], probs[sources != s]),

@@ -111,8 +111,7 @@ def map_efficientnet_lite(source: dict[str, torch.Tensor], target: nn.Module) ->
     no counterpart, a shape mismatch, or a target tensor left unfilled (the classifier excepted when its class
     count differs).
     """
-    blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(target.blocks) for j in range(len(stage))]  # type: ignore[arg-type]
-    kinds = [type(block).__name__ for stage in target.blocks for block in stage]  # type: ignore[union-attr]
+    blocks, kinds = _timm_blocks(target)
     renames: dict[str, str] = {}
     for key in source:
         if (m := _BLOCK_KEY.match(key)) is not None:
@@ -137,8 +136,7 @@ def map_torchvision_mobilenet_v2(source: dict[str, torch.Tensor], target: nn.Mod
     conv.0.1 BN, conv.1 pw, conv.2 BN; the others inverted residual: conv.0.0 pw, conv.0.1 BN, conv.1.0 dw,
     conv.1.1 BN, conv.2 pwl, conv.3 BN), features.18 = head conv + BN, classifier.1 = linear.
     """
-    blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(target.blocks) for j in range(len(stage))]  # type: ignore[arg-type]
-    kinds = [type(block).__name__ for stage in target.blocks for block in stage]  # type: ignore[union-attr]
+    blocks, kinds = _timm_blocks(target)
     ds = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
     ir = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2", "conv.2": "conv_pwl",
           "conv.3": "bn3"}  # fmt: skip
@@ -166,6 +164,14 @@ MAPPERS = {
     "efficientnet_lite_pytorch": map_efficientnet_lite,
     "torchvision_mobilenet_v2": map_torchvision_mobilenet_v2,
 }
+
+
+def _timm_blocks(target: nn.Module) -> tuple[list[str], list[str]]:
+    """State-dict prefix ("blocks.<stage>.<i>") and block type of every timm block, in order."""
+    stages: Any = target.blocks
+    blocks = [f"blocks.{s}.{j}" for s, stage in enumerate(stages) for j in range(len(stage))]
+    kinds = [type(block).__name__ for stage in stages for block in stage]
+    return blocks, kinds
 
 
 def _checked(source: dict[str, torch.Tensor], renames: dict[str, str], target: nn.Module) -> dict[str, torch.Tensor]:
