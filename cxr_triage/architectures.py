@@ -13,18 +13,6 @@ from cxr_triage.labels import CLASS_LABELS
 from cxr_triage.pixels import IMAGENET_MEAN, IMAGENET_STD, NORMALISATIONS
 from cxr_triage.registry import ModelCard
 
-# The seed paper's eight architectures, by timm name.
-PAPER_ARCHITECTURES: tuple[str, ...] = (
-    "efficientnet_b4",
-    "tf_efficientnet_b7",
-    "resnet101",
-    "resnet152",
-    "densenet169",
-    "densenet201",
-    "vgg19_bn",
-    "mobilenetv2_100",
-)
-
 
 def create_model(
     architecture: str,
@@ -119,7 +107,3 @@ def save_state(model: nn.Module, weights: Path, *, half: bool = True) -> None:
     }
     save_file(state, str(weights))
     Path(weights).chmod(0o644)  # readable by the service user that runs the workers
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

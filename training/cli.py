@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from training.config import N_BOOT, setting_default
+
 app = typer.Typer(help="Train and evaluate triage models (demo models - NOT FOR CLINICAL USE).", no_args_is_help=True)
 
 # The shared data set next to the checkout (see its README for sources, licences and caveats).
@@ -14,6 +16,13 @@ DEFAULT_MANIFEST = Path("../shared/data/cxr/manifest.csv")
 DEFAULT_SPLIT = Path("artifacts/data/split_manifest.csv")
 # The registry's locked split (what the promoted set was trained and tested on); `prepare` keeps it by default.
 DEFAULT_LOCK = Path("models/split.csv")
+# Training defaults are the built-in defaults of the retraining settings (CXR_RETRAIN_*; not read from the
+# environment here); the gate's are those of CXR_GATE_*.
+DEFAULT_ARCHITECTURES: tuple[str, ...] = tuple(setting_default("retrain_architectures"))
+DEFAULT_ARCH = DEFAULT_ARCHITECTURES[0]
+DEFAULT_EPOCHS: int = setting_default("retrain_epochs")
+DEFAULT_SIZE: int = setting_default("retrain_size")
+DEFAULT_THREADS: int = setting_default("retrain_threads")
 
 
 @app.command()
@@ -48,13 +57,13 @@ def prepare(
 @app.command()
 def fit(
     split_csv: Annotated[Path, typer.Option("--split-csv", help="split manifest from `prepare`")] = DEFAULT_SPLIT,
-    arch: str = "mobilenetv2_100",
-    epochs: int = 18,
-    size: int = 224,
+    arch: str = DEFAULT_ARCH,
+    epochs: int = DEFAULT_EPOCHS,
+    size: int = DEFAULT_SIZE,
     batch: int = 32,
     lr: Annotated[str, typer.Option(help="learning rate, or 'auto' for lr_find's suggestion")] = "auto",
     lr_find_iters: int = 60,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     seed: int = 42,
     init: Annotated[
         str,
@@ -102,7 +111,7 @@ def evaluate(
     split: str = "test",
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
     report_dir: Annotated[Path | None, typer.Option(help="default: models/versions/<first>/report")] = None,
-    bootstrap: int = 1000,
+    bootstrap: int = N_BOOT,
     threads: int = 2,
     batch: int = 32,
 ) -> None:
@@ -162,14 +171,14 @@ def ensemble(
 def demo(
     manifest: Annotated[Path, typer.Option()] = DEFAULT_MANIFEST,
     split_csv: Annotated[Path, typer.Option("--split-csv")] = DEFAULT_SPLIT,
-    arch: str = "mobilenetv2_100",
-    epochs: int = 18,
-    size: int = 224,
+    arch: str = DEFAULT_ARCH,
+    epochs: int = DEFAULT_EPOCHS,
+    size: int = DEFAULT_SIZE,
     batch: int = 32,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     lr_find_iters: int = 60,
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
-    bootstrap: int = 1000,
+    bootstrap: int = N_BOOT,
 ) -> None:
     """prepare + fit + evaluate (test split) + ensemble 'demo' + promote."""
     from cxr_triage.labels import DEMO_DISCLAIMER
@@ -286,11 +295,11 @@ def gate(
         DEFAULT_SPLIT
     ),
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
-    max_auroc_drop: float = 0.02,
-    min_macro_auroc: float = 0.70,
-    min_covid_sensitivity: float = 0.70,
-    max_ece: float = 0.15,
-    bootstrap: int = 1000,
+    max_auroc_drop: float = setting_default("gate_max_auroc_drop"),
+    min_macro_auroc: float = setting_default("gate_min_macro_auroc"),
+    min_covid_sensitivity: float = setting_default("gate_min_covid_sensitivity"),
+    max_ece: float = setting_default("gate_max_ece"),
+    bootstrap: int = N_BOOT,
     promote: bool = True,
     threads: int = 2,
 ) -> None:
@@ -317,18 +326,18 @@ def gate(
 def retrain(
     manifest: Annotated[Path, typer.Option(help="manifest (e.g. from `merge`)")] = DEFAULT_MANIFEST,
     arch: Annotated[list[str] | None, typer.Option(help="architecture(s); repeat for an ensemble")] = None,
-    epochs: int = 18,
-    size: int = 224,
+    epochs: int = DEFAULT_EPOCHS,
+    size: int = DEFAULT_SIZE,
     work_dir: Annotated[Path, typer.Option(help="locked split + data card")] = Path("artifacts/retrain"),
     out: Annotated[Path, typer.Option(help="registry directory")] = Path("models"),
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
 ) -> None:
     """What the scheduled Celery task runs: locked split, train, evaluate, gate, promote (or not)."""
     from training.pipeline import RetrainConfig
     from training.pipeline import retrain as run_retrain
 
     config = RetrainConfig(manifest=manifest, registry_dir=out, work_dir=work_dir,
-                           architectures=tuple(arch or ["mobilenetv2_100"]), epochs=epochs, size=size,
+                           architectures=tuple(arch or DEFAULT_ARCHITECTURES), epochs=epochs, size=size,
                            threads=threads)  # fmt: skip
     decision = run_retrain(config, log=typer.echo)
     if not decision.accepted:

@@ -18,6 +18,7 @@ from cxr_triage.labels import CLASS_LABELS, COVID19, DEMO_DISCLAIMER, NO_FINDING
 from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import model_input
 from cxr_triage.registry import EnsembleSpec, Registry
+from training.config import N_BOOT
 from training.dataset import SplitLeakError, read_split_manifest, sha256_file
 from training.metrics import group_resamples, reliability_bins, summarise, within_source
 
@@ -417,7 +418,7 @@ def evaluate(
     *,
     split: str = "test",
     report_dir: Path | None = None,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     threads: int = 2,
     batch_size: int = 32,
@@ -499,6 +500,5 @@ def evaluate(
             if out_dir.is_relative_to(registry.version_dir(versions[0]))
             else str(out_dir),
         }
-        registry.write_card(replace(card, metrics=metrics))
-        (registry.version_dir(versions[0]) / "card.json").chmod(0o644)  # atomic writes create 0600 files
+        registry.write_card(replace(card, metrics=metrics))  # 0644, like every registry JSON write
     return result

@@ -22,19 +22,24 @@ import numpy as np
 
 from cxr_triage.labels import COVID19, label_index
 from cxr_triage.registry import Registry, write_json_atomic
+from cxr_triage.settings import Settings
+from training.config import N_BOOT, check_overrides, setting, settings_values
 from training.dataset import LOCKED_SPLIT_FILE, extend_lock, read_split_manifest, sha256_file
 from training.metrics import expected_calibration_error, group_resamples, macro_auroc
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Thresholds of the gate; validated so that no meaningless configuration exists."""
+    """Thresholds of the gate; validated so that no meaningless configuration exists.
 
-    max_auroc_drop: float = 0.02
-    min_macro_auroc: float = 0.70
-    min_covid_sensitivity: float = 0.70
-    max_ece: float = 0.15
-    n_boot: int = 1000
+    The thresholds' defaults and values come from the CXR_GATE_* settings (`from_settings`).
+    """
+
+    max_auroc_drop: float = setting("gate_max_auroc_drop")
+    min_macro_auroc: float = setting("gate_min_macro_auroc")
+    min_covid_sensitivity: float = setting("gate_min_covid_sensitivity")
+    max_ece: float = setting("gate_max_ece")
+    n_boot: int = N_BOOT
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +48,12 @@ class GateConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.n_boot < 100:
             raise ValueError("n_boot must be at least 100 for a 95 % interval")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> GateConfig:
+        """The gate the settings describe (CXR_GATE_*); `overrides` replace fields (an unknown key: TypeError)."""
+        check_overrides(cls, overrides)
+        return cls(**{**settings_values(cls, settings), **overrides})
 
 
 @dataclass(frozen=True)

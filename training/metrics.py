@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
 from cxr_triage.labels import CLASS_LABELS
+from training.config import N_BOOT
 
 N_CLASSES = len(CLASS_LABELS)
 
@@ -94,7 +95,7 @@ def group_resamples(groups: np.ndarray, n_boot: int, seed: int) -> Iterator[np.n
 
 
 def bootstrap_ci(
-    y: np.ndarray, probs: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+    y: np.ndarray, probs: np.ndarray, groups: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0
 ) -> dict[str, Any]:
     """95 % percentile CIs for accuracy and macro AUROC, resampling groups (patients) with replacement."""
     n_groups = len(np.unique(groups))
@@ -169,7 +170,7 @@ def summarise(
 
 
 def binary_auroc_ci(
-    positive: np.ndarray, score: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+    positive: np.ndarray, score: np.ndarray, groups: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0
 ) -> dict[str, Any]:
     """AUROC of `score` for `positive` (bool) with a 95 % patient-group bootstrap CI; None when one class is absent."""
 
@@ -194,7 +195,7 @@ def binary_auroc_ci(
 
 
 def within_source(
-    y: np.ndarray, probs: np.ndarray, sources: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+    y: np.ndarray, probs: np.ndarray, sources: np.ndarray, groups: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0
 ) -> dict[str, Any]:
     """Shortcut checks: discrimination where the image source cannot give the answer away.
 

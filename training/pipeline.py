@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.registry import EnsembleSpec, Registry
+from cxr_triage.settings import Settings
+from training.config import check_overrides, setting, settings_values
 from training.dataset import LOCKED_SPLIT_FILE, prepare
 from training.gate import GateConfig, GateDecision, run_gate
 
 
 @dataclass(frozen=True)
 class RetrainConfig:
+    """One retraining run. Architectures, epochs, size and threads default to the CXR_RETRAIN_* settings; the
+    bootstrap resamples of the test-split evaluations are the gate's (`gate.n_boot`), so both use one number."""
+
     manifest: Path
     registry_dir: Path
     work_dir: Path
-    architectures: tuple[str, ...] = ("mobilenetv2_100",)
-    epochs: int = 18
-    size: int = 224
+    architectures: tuple[str, ...] = setting("retrain_architectures", tuple)
+    epochs: int = setting("retrain_epochs")
+    size: int = setting("retrain_size")
     batch_size: int = 32
-    threads: int = 2
+    threads: int = setting("retrain_threads")
     lr_find_iters: int = 60
     seed: int = 0
-    n_boot: int = 1000
     gate: GateConfig = field(default_factory=GateConfig)
     promote: bool = True
 
@@ -34,6 +38,33 @@ class RetrainConfig:
             raise ValueError("retraining needs at least one architecture")
         if self.epochs < 1 or self.size < 32:
             raise ValueError(f"epochs must be >= 1 and size >= 32, got {self.epochs}, {self.size}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, manifest: str | Path | None = None, **overrides: Any) -> RetrainConfig:
+        """The run the settings describe (CXR_RETRAIN_*, CXR_GATE_*, the registry), as the retrain task runs it.
+
+        `manifest` defaults to CXR_RETRAIN_MANIFEST. `overrides` replace fields of the run (an unknown key:
+        TypeError); `n_boot` sets the bootstrap resamples of the gate and of the test-split evaluations.
+        """
+        source = manifest or settings.retrain_manifest
+        if not source:
+            raise ValueError("no manifest: set CXR_RETRAIN_MANIFEST or pass manifest=")
+        check_overrides(cls, overrides, also=("n_boot",))
+        values: dict[str, Any] = {
+            "registry_dir": settings.models_dir,
+            "work_dir": settings.effective_retrain_work_dir,
+            **settings_values(cls, settings),
+            **overrides,
+        }
+        gate = values.pop("gate", None) or GateConfig.from_settings(settings)
+        if "n_boot" in values:
+            gate = replace(gate, n_boot=int(values.pop("n_boot")))
+        for name in ("registry_dir", "work_dir"):
+            values[name] = Path(values[name])
+        values["architectures"] = tuple(values["architectures"])
+        for name in ("epochs", "size"):
+            values[name] = int(values[name])
+        return cls(manifest=Path(source), gate=gate, **values)
 
 
 def retrain(config: RetrainConfig, *, log: Any = print) -> GateDecision:
@@ -57,14 +88,18 @@ def retrain(config: RetrainConfig, *, log: Any = print) -> GateDecision:
             lr_find_iters=config.lr_find_iters,
         )
         version = fit(split_csv, config.registry_dir, fit_config, log=log)
-        evaluate(config.registry_dir, [version], split_csv, split="test", n_boot=config.n_boot, threads=config.threads)
+        evaluate(
+            config.registry_dir, [version], split_csv, split="test", n_boot=config.gate.n_boot, threads=config.threads
+        )
         versions.append(version)
         log(f"trained and evaluated {version}")
     registry = Registry(config.registry_dir)
     name = f"retrain-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     registry.write_ensemble(EnsembleSpec(name=name, members=tuple(versions), note=DEMO_DISCLAIMER))
     if len(versions) > 1:
-        evaluate(config.registry_dir, versions, split_csv, split="test", n_boot=config.n_boot, threads=config.threads)
+        evaluate(
+            config.registry_dir, versions, split_csv, split="test", n_boot=config.gate.n_boot, threads=config.threads
+        )
     decision = run_gate(
         config.registry_dir, name, split_csv, config.gate, promote=config.promote, threads=config.threads
     )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr_triage.architectures import PAPER_ARCHITECTURES, load_member
+from cxr_triage.architectures import load_member
 from cxr_triage.ensembling import OperatingPoint, apply_temperature, combine
 from cxr_triage.labels import COVID19, DEMO_DISCLAIMER, NO_FINDING, label_index
 from cxr_triage.ood import MahalanobisDetector
@@ -29,6 +29,18 @@ from cxr_triage.pixels import model_input
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
 from training.dataset import read_split_manifest
 from training.metrics import macro_auroc, within_source
+
+# The seed paper's eight architectures, by timm name (`Constraints.min_paper`).
+PAPER_ARCHITECTURES: tuple[str, ...] = (
+    "efficientnet_b4",
+    "tf_efficientnet_b7",
+    "resnet101",
+    "resnet152",
+    "densenet169",
+    "densenet201",
+    "vgg19_bn",
+    "mobilenetv2_100",
+)
 
 
 @dataclass(frozen=True)

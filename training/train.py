@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,23 +34,27 @@ from cxr_triage.architectures import create_model, save_state
 from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
 from cxr_triage.pixels import PREPROCESSING_VERSION, load_image, normalise
 from cxr_triage.registry import ModelCard, Registry
+from training.config import setting_default
 from training.dataset import LOCKED_SPLIT_FILE, check_against_lock, read_split_manifest, sha256_file
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Hyper-parameters of one training run (all recorded in the model card)."""
+    """Hyper-parameters of one training run (all recorded in the model card).
 
-    architecture: str = "mobilenetv2_100"
-    epochs: int = 18
-    size: int = 224
+    Architecture, epochs, size and threads default to the retraining settings' defaults (CXR_RETRAIN_*).
+    """
+
+    architecture: str = setting_default("retrain_architectures")[0]
+    epochs: int = setting_default("retrain_epochs")
+    size: int = setting_default("retrain_size")
     batch_size: int = 32
     lr: float | None = None  # None: use lr_find's suggestion (valley), clamped to [lr_min, lr_max]
     lr_min: float = 1e-4
     lr_max: float = 1e-2
     lr_find_iters: int = 60
     seed: int = 42
-    threads: int = 2
+    threads: int = setting_default("retrain_threads")
     label_smoothing: float = 0.1
     weight_decay: float = 0.01
     monitor: str = "valid_loss"
@@ -70,7 +74,6 @@ class FitConfig:
     balance: str = "none"
     # Fraction of each edge blanked before the network, in training and inference alike (markers, text, borders).
     border_mask: float = 0.0
-    augmentation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.balance not in ("none", "source_label"):
@@ -317,7 +320,7 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
     counts = df["split"].value_counts().to_dict()
     training = {
         "disclaimer": DEMO_DISCLAIMER,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "augmentation"},
+        "config": asdict(cfg),
         "augmentation": {
             "fastai": "aug_transforms",
             "do_flip": cfg.do_flip,
@@ -369,7 +372,8 @@ def fit(split_csv: Path, registry_dir: Path, cfg: FitConfig, *, version: str | N
         metrics={"valid_at_best_epoch": best, "note": "validation split, used for checkpoint selection"},
     )
     registry.write_card(card)
-    for path in vdir.iterdir():  # the registry's atomic writes create 0600 files; workers may run as another user
+    # Workers may run as another user: the copied split and data card follow the umask (weights and card are 0644).
+    for path in vdir.iterdir():
         path.chmod(0o644)
     (vdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -1,1 +1,1 @@
-"""Celery workers: the triage task, the ensemble runner and (later) results sent back to the PACS."""
+"""Celery workers: the triage task, the ensemble runner, the results sent back to the PACS and retraining."""
