@@ -240,7 +240,7 @@ def run_ours(workdir: Path, files: list[Path], associations: int, args: argparse
         env["CXR_BROKER_URL"] = args.broker_url
     log = (workdir / "listener.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr_triage", "listener"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "service", "listener"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
     )
     try:
         wait_for_echo(port, proc)

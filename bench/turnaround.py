@@ -96,7 +96,7 @@ def main() -> None:
             "PYTHONPATH": str(ROOT),
         }
     )
-    cli = [sys.executable, "-m", "cxr_triage"]
+    cli = [sys.executable, "-m", "service"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
     subprocess.run(
         [*cli, "users", "create", "bench", "--password-stdin"], env=env, input=b"bench-password\n", check=True,

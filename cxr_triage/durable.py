@@ -15,8 +15,12 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(target: Path, data: bytes) -> None:
-    """After this returns, `target` holds `data` completely or (on error) does not exist as a partial file."""
+def write_durably(target: Path, data: bytes, *, mode: int | None = None) -> None:
+    """After this returns, `target` holds `data` completely or (on error) does not exist as a partial file.
+
+    The file is private to the service user (0600, as mkstemp creates it) unless `mode` says otherwise; a file that
+    replaces another is atomic for readers, who see the old or the new content, never half of one.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".incoming.", suffix=".tmp")
     try:
@@ -24,6 +28,8 @@ def write_durably(target: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp_name, mode)
         os.replace(tmp_name, target)
         fsync_dir(target.parent)
     except BaseException:

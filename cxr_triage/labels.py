@@ -1,12 +1,14 @@
 """The triage classes, in the order every model's output uses."""
 
-from typing import Final
+from typing import Final, Literal, get_args
+
+Label = Literal["COVID-19", "Pneumonia", "No finding"]
 
 COVID19: Final = "COVID-19"
 PNEUMONIA: Final = "Pneumonia"
 NO_FINDING: Final = "No finding"
 
-CLASS_LABELS: Final[tuple[str, ...]] = (COVID19, PNEUMONIA, NO_FINDING)
+CLASS_LABELS: Final[tuple[str, ...]] = get_args(Label)
 
 DEMO_DISCLAIMER: Final = "Demo model - NOT FOR CLINICAL USE"
 

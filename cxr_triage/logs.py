@@ -9,6 +9,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 # Keys that must never reach a log line, whatever a caller passes (PHI: PS3.15 Annex E basic profile subset).
 PHI_KEYS = frozenset(
@@ -85,6 +86,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json", component: str 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def get_logger(name: str | None = None) -> Any:
+def get_logger(name: str | None = None) -> FilteringBoundLogger:
     """A structlog logger; bind correlation fields with `.bind(sop_instance_uid=...)`."""
-    return structlog.get_logger(name)
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

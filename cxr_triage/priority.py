@@ -1,29 +1,40 @@
-"""Priority rules: ensemble output -> priority, and a study's priority that never drops below DICOM or a user."""
+"""Priority rules, pure: ensemble output -> an instance's priority, and a study's effective priority.
+
+Every rule about urgency lives here; db/worklist_repo.py stores what they decide and worklist/queries.py ranks by the
+same constants in SQL. Nothing here touches a database.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
-
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from typing import Final, Literal, get_args
 
 from cxr_triage.labels import COVID19, NO_FINDING, PNEUMONIA
-from cxr_triage.logs import get_logger
 from cxr_triage.ood import OOD_REASON
 from cxr_triage.settings import Settings
-from db.models import Instance, Prediction, Study, utcnow
-from db.worklist_models import TriageResult, WorklistEntry
-
-log = get_logger(__name__)
 
 # Worklist priorities, least urgent first: the index is the rank the worklist sorts by (highest first).
-PRIORITIES: Final[tuple[str, ...]] = ("low", "routine", "medium", "indeterminate", "high", "stat")
+Priority = Literal["low", "routine", "medium", "indeterminate", "high", "stat"]
+PRIORITIES: Final[tuple[Priority, ...]] = get_args(Priority)
 RANK: Final[dict[str, int]] = {name: rank for rank, name in enumerate(PRIORITIES)}
-STAT, HIGH, INDETERMINATE, ROUTINE = "stat", "high", "indeterminate", "routine"
+STAT: Final = "stat"
+HIGH: Final = "high"
+INDETERMINATE: Final = "indeterminate"
+ROUTINE: Final = "routine"
+
+
+def as_priority(value: str) -> Priority:
+    """A stored priority word as a Priority; raises ValueError for an unknown one."""
+    if value not in RANK:
+        raise ValueError(f"unknown priority {value!r}; expected one of {PRIORITIES}")
+    return PRIORITIES[RANK[value]]
+
+
+# Who set a study's effective priority.
+Source = Literal["ai", "dicom", "user", "failed", "none"]
 
 # RequestedProcedurePriority (0040,1003) and similar DICOM words -> worklist priority.
-DICOM_PRIORITIES: Final[dict[str, str]] = {
+DICOM_PRIORITIES: Final[dict[str, Priority]] = {
     "STAT": "stat",
     "ASAP": "high",
     "URGENT": "high",
@@ -69,7 +80,9 @@ class Rules:
 
 @dataclass(frozen=True)
 class Decision:
-    priority: str
+    """An instance's priority and the rule that gave it."""
+
+    priority: Priority
     rule: str
     detail: str
 
@@ -130,117 +143,54 @@ def evaluate(
     )
 
 
-def dicom_priority(value: str | None) -> str | None:
+def dicom_priority(value: str | None) -> Priority | None:
     """The worklist priority for a DICOM priority word, or None when absent or unknown."""
     if not value:
         return None
     return DICOM_PRIORITIES.get(value.strip().upper())
 
 
-def assign(session: Session, instance_id: int, settings: Settings) -> WorklistEntry | None:
-    """Apply the rules to the instance's latest prediction and refresh its study's worklist entry.
-
-    Called by the worker in the transaction that stores the prediction; idempotent.
-    """
-    instance = session.get(Instance, instance_id)
-    if instance is None:
-        return None
-    study = session.get(Study, instance.study_id, with_for_update=True)  # one study's entries change one at a time
-    prediction = session.scalars(
-        select(Prediction)
-        .where(Prediction.instance_id == instance_id)
-        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
-    ).first()
-    if study is None or prediction is None:
-        return None
-    decision = evaluate(
-        prediction.probabilities,
-        prediction.member_probabilities,
-        Rules.from_settings(settings, prediction.operating_point),
-        ood_score=prediction.ood_score,
-        out_of_distribution=bool(prediction.out_of_distribution),
-    )
-    result = session.scalar(select(TriageResult).where(TriageResult.instance_id == instance_id))
-    if result is None:
-        result = TriageResult(instance_id=instance_id, prediction_id=prediction.id, priority="", rule="", detail="")
-        session.add(result)
-    result.prediction_id = prediction.id
-    result.priority, result.rule, result.detail = decision.priority, decision.rule, decision.detail
-    session.flush()
-    log.info(
-        "worklist.assigned", sop_instance_uid=instance.sop_instance_uid, priority=decision.priority, rule=decision.rule
-    )
-    return refresh_entry(session, study)
-
-
-def refresh_entry(session: Session, study: Study) -> WorklistEntry:
-    """Recompute the study's effective priority: the highest of the AI results, the DICOM priority and the user's."""
-    entry = session.scalar(select(WorklistEntry).where(WorklistEntry.study_id == study.id))
-    if entry is None:
-        entry = WorklistEntry(study_id=study.id, priority=ROUTINE, rank=-1, source="none", rule="")
-        session.add(entry)
-    results = session.execute(
-        select(TriageResult, Prediction.label)
-        .join(Instance, Instance.id == TriageResult.instance_id)
-        .join(Prediction, Prediction.id == TriageResult.prediction_id)
-        .where(Instance.study_id == study.id)
-        .order_by(TriageResult.instance_id)
-    ).all()
-    best_ai: tuple[TriageResult, str] | None = None
-    for result, label in results:
-        if best_ai is None or RANK[result.priority] > RANK[best_ai[0].priority]:
-            best_ai = (result, label)
-    # On a tie the AI's rule is kept as the explanation; DICOM and user priorities only ever raise.
-    candidates: list[tuple[str, str, str]] = []
-    if best_ai is not None:
-        candidates.append((best_ai[0].priority, "ai", best_ai[0].rule))
-    requested = dicom_priority(study.requested_priority)
-    if requested is not None:
-        candidates.append((requested, "dicom", f"dicom-requested-{requested}"))
-    if entry.user_priority in RANK:
-        candidates.append((entry.user_priority, "user", f"user-set-{entry.user_priority}"))
-    if not candidates:
-        candidates.append((ROUTINE, "none", "no-result-yet"))
-    priority, source, rule = max(candidates, key=lambda c: RANK[c[0]])  # max keeps the first of equals
-    previous_rank = entry.rank
-    entry.priority, entry.rank, entry.source, entry.rule = priority, RANK[priority], source, rule
-    entry.ai_priority = best_ai[0].priority if best_ai else None
-    entry.label = best_ai[1] if best_ai else None
-    entry.deciding_instance_id = best_ai[0].instance_id if best_ai else None
-    if entry.read_at is not None and previous_rank >= 0 and entry.rank > previous_rank:
-        entry.read_at, entry.read_by = None, None  # a read study that became more urgent comes back unread
-    entry.updated_at = utcnow()
-    session.flush()
-    return entry
-
-
-def set_user_priority(session: Session, study: Study, priority: str | None, *, user_id: int) -> WorklistEntry:
-    """A user's priority for the study (None clears it); like the DICOM priority, the AI never goes below it."""
-    if priority is not None and priority not in RANK:
-        raise ValueError(f"unknown priority {priority!r}; expected one of {PRIORITIES}")
-    entry = refresh_entry(session, study)
-    entry.user_priority = priority
-    entry.user_priority_by = user_id if priority is not None else None
-    return refresh_entry(session, study)
-
-
-def set_read(session: Session, study: Study, read: bool, *, user_id: int) -> WorklistEntry:
-    entry = refresh_entry(session, study)
-    entry.read_at = utcnow() if read else None
-    entry.read_by = user_id if read else None
-    return entry
-
-
 def _slug(label: str) -> str:
     return label.lower().replace(" ", "-")
 
 
-def link_results(session: Session, instance_id: int, sop_instance_uids: dict[str, str]) -> None:
-    """Point the instance's worklist result at its SR and heatmap (served by /api/results/...)."""
-    result = session.scalar(select(TriageResult).where(TriageResult.instance_id == instance_id))
-    if result is None:
-        return
-    if "sr" in sop_instance_uids:
-        result.sr_url = f"/api/results/{sop_instance_uids['sr']}"
-    if "heatmap" in sop_instance_uids:
-        result.heatmap_url = f"/api/results/{sop_instance_uids['heatmap']}/preview.png"
+# A study whose triage failed is at least indeterminate: nobody may take "no result" for "normal".
+FAILED_TRIAGE_FLOOR: Final[Priority] = INDETERMINATE
+FAILED_TRIAGE_RULE: Final = "indeterminate-triage-failed"
+NO_RESULT_RULE: Final = "no-result-yet"
+
+
+@dataclass(frozen=True)
+class Effective:
+    """A study's effective priority, who set it and the rule that explains it."""
+
+    priority: Priority
+    source: Source
+    rule: str
+
+    @property
+    def rank(self) -> int:
+        return RANK[self.priority]
+
+
+def effective_priority(ai: tuple[Priority, str] | None, requested: str | None, user: str | None) -> Effective:
+    """The highest of the most urgent AI result (priority, rule), the DICOM priority word and the user's priority.
+
+    On a tie the AI's rule is kept as the explanation; DICOM and user priorities only ever raise.
+    """
+    candidates: list[Effective] = []
+    if ai is not None:
+        candidates.append(Effective(ai[0], "ai", ai[1]))
+    dicom = dicom_priority(requested)
+    if dicom is not None:
+        candidates.append(Effective(dicom, "dicom", f"dicom-requested-{dicom}"))
+    if user in RANK:
+        candidates.append(Effective(as_priority(user), "user", f"user-set-{user}"))
+    if not candidates:
+        return Effective(ROUTINE, "none", NO_RESULT_RULE)
+    return max(candidates, key=lambda c: c.rank)  # max keeps the first of equals
+
+
+def becomes_unread(previous_rank: int, rank: int) -> bool:
+    """A study already read comes back unread when it becomes more urgent than when it was read."""
+    return previous_rank >= 0 and rank > previous_rank

@@ -10,13 +10,12 @@ Pointer updates are atomic (temporary file + rename), so a reader never sees hal
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cxr_triage.durable import write_durably
 from cxr_triage.labels import CLASS_LABELS
 from cxr_triage.pixels import NORMALISATIONS, PREPROCESSING_VERSION
 
@@ -34,20 +33,8 @@ def _now() -> str:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to `path` via a temporary file in the same directory, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; registry files are read by other service users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to `path` atomically and durably, readable by the other service users (0644)."""
+    write_durably(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
 
 
 @dataclass(frozen=True)

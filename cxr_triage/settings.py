@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     log_format: str = Field("json", description="json or console.")
 
     # --- worklist ------------------------------------------------------------------------------
-    # The worklist API and page (worklist/) and its priority rules (worklist/priority.py).
+    # The worklist API and page (worklist/) and its priority rules (cxr_triage/priority.py).
     api_host: str = Field("127.0.0.1", description="Address the worklist API and page bind.")
     api_port: int = Field(8080, ge=1, le=65535, description="Port of the worklist API and page.")
     stat_threshold: float | None = Field(

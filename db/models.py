@@ -1,9 +1,9 @@
-"""SQLAlchemy 2 models: studies, instances (with status history), predictions, model versions."""
+"""SQLAlchemy 2 models: studies, instances (with status history), predictions, result objects and their delivery."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum, nonmember
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -22,7 +22,7 @@ class Base(DeclarativeBase):
     pass
 
 
-class InstanceStatus:
+class InstanceStatus(StrEnum):
     """The life of an instance; terminal states are done, failed and skipped."""
 
     RECEIVED = "received"  # durable on disk and in the database, not yet handed to the broker
@@ -33,8 +33,7 @@ class InstanceStatus:
     FAILED = "failed"
     SKIPPED = "skipped"  # stored, but outside the intake policy (the reason says why)
 
-    ALL = (RECEIVED, QUEUED, PROCESSING, AWAITING_MODEL, DONE, FAILED, SKIPPED)
-    TERMINAL = (DONE, FAILED, SKIPPED)
+    TERMINAL = nonmember(frozenset({DONE, FAILED, SKIPPED}))
 
 
 class Study(Base):
@@ -98,19 +97,6 @@ class InstanceEvent(Base):
     instance: Mapped[Instance] = relationship(back_populates="events")
 
 
-class ModelVersion(Base):
-    """A model version known to the service (mirrors the registry's model card)."""
-
-    __tablename__ = "model_versions"
-
-    version: Mapped[str] = mapped_column(String(100), primary_key=True)
-    architecture: Mapped[str] = mapped_column(String(100))
-    device_uid: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))
-    card: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
 class Prediction(Base):
     """The ensemble's output for one instance and one model set; unique per (instance, model set)."""
 
@@ -138,7 +124,9 @@ class Prediction(Base):
     instance: Mapped[Instance] = relationship(back_populates="predictions")
 
 
-class ResultStatus:
+class ResultStatus(StrEnum):
+    """The life of a result object we produced."""
+
     STORED = "stored"  # written to the results directory; no destination configured
     PENDING = "pending"  # to be sent
     QUEUED = "queued"  # the send task is with the broker

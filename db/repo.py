@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -15,7 +14,6 @@ from db.models import (
     Instance,
     InstanceEvent,
     InstanceStatus,
-    ModelVersion,
     Prediction,
     ResultObject,
     ResultStatus,
@@ -40,7 +38,7 @@ class ReceivedInstance:
     path: str
     size_bytes: int
     sha256: str
-    status: str
+    status: InstanceStatus
     status_reason: str | None
     patient_name: str | None = None
     patient_id: str | None = None
@@ -104,10 +102,9 @@ def record_received(session: Session, rec: ReceivedInstance) -> tuple[Instance, 
     return instance, True
 
 
-def set_status(session: Session, instance: Instance, status: str, reason: str | None = None) -> None:
+def set_status(session: Session, instance: Instance, status: InstanceStatus, reason: str | None = None) -> None:
     """Change the status and append to the history."""
-    if status not in InstanceStatus.ALL:
-        raise ValueError(f"unknown instance status {status!r}")
+    status = InstanceStatus(status)  # raises ValueError for an unknown status
     instance.status = status
     instance.status_reason = reason
     instance.updated_at = utcnow()
@@ -145,22 +142,41 @@ def claim(session: Session, instance_id: int, *, max_attempts: int = 5) -> Insta
     return instance
 
 
-def save_prediction(session: Session, instance: Instance, **fields: Any) -> Prediction:
+@dataclass(frozen=True)
+class PredictionRecord:
+    """What the worker stores for one instance and one model set (db.models.Prediction without the keys)."""
+
+    model_set: str
+    model_versions: list[str]
+    label: str
+    probabilities: dict[str, float]
+    member_probabilities: dict[str, dict[str, float]]
+    queue_wait_ms: float | None
+    decode_ms: float
+    inference_ms: float
+    not_for_clinical_use: bool
+    ood_score: float | None = None
+    out_of_distribution: bool | None = None
+    operating_point: dict[str, float] | None = None
+
+
+def save_prediction(session: Session, instance: Instance, record: PredictionRecord) -> Prediction:
     """Store the prediction (idempotent per instance and model set) and mark the instance done."""
-    model_set = fields["model_set"]
     existing = session.scalar(
-        select(Prediction).where(Prediction.instance_id == instance.id, Prediction.model_set == model_set)
+        select(Prediction).where(Prediction.instance_id == instance.id, Prediction.model_set == record.model_set)
     )
     if existing is None:
-        existing = Prediction(instance_id=instance.id, **fields)
+        existing = Prediction(instance_id=instance.id, **asdict(record))
         try:
             with session.begin_nested():
                 session.add(existing)
         except IntegrityError:
             existing = session.scalars(
-                select(Prediction).where(Prediction.instance_id == instance.id, Prediction.model_set == model_set)
+                select(Prediction).where(
+                    Prediction.instance_id == instance.id, Prediction.model_set == record.model_set
+                )
             ).one()
-    set_status(session, instance, InstanceStatus.DONE, f"label {fields['label']}")
+    set_status(session, instance, InstanceStatus.DONE, f"label {record.label}")
     return existing
 
 
@@ -177,11 +193,6 @@ def dispatchable(session: Session, *, stale_before: datetime, model_available: b
     return list(rows)
 
 
-def touch(session: Session, instance_id: int) -> None:
-    """Refresh updated_at so the outbox sees a long-running instance as alive."""
-    session.execute(update(Instance).where(Instance.id == instance_id).values(updated_at=utcnow()))
-
-
 def stale_cutoff(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
 
@@ -189,23 +200,6 @@ def stale_cutoff(seconds: float) -> datetime:
 def status_counts(session: Session) -> dict[str, int]:
     rows = session.execute(select(Instance.status, func.count()).group_by(Instance.status))
     return {status: int(count) for status, count in rows}
-
-
-def upsert_model_version(session: Session, card: dict[str, Any], *, status: str) -> None:
-    row = session.get(ModelVersion, card["version"])
-    if row is None:
-        session.add(
-            ModelVersion(
-                version=card["version"],
-                architecture=card["architecture"],
-                device_uid=card["device_uid"],
-                status=status,
-                card=card,
-            )
-        )
-    else:
-        row.status = status
-        row.card = card
 
 
 def add_results(session: Session, rows: list[ResultObject]) -> list[int]:

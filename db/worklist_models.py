@@ -1,4 +1,4 @@
-"""Worklist tables: users and tokens, the rule that fired per instance, priority and read state per study."""
+"""Worklist tables: users and tokens, the priority the rules gave each instance, priority and read state per study."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class TriageResult(Base):
-    """The priority the rules gave one instance's prediction, and the rule that fired."""
+class PriorityAssignment(Base):
+    """The priority the rules gave one instance's prediction, and the rule that fired (cxr_triage/priority.py)."""
 
-    __tablename__ = "triage_results"
+    __tablename__ = "priority_assignments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True, index=True)
@@ -47,8 +47,6 @@ class TriageResult(Base):
     priority: Mapped[str] = mapped_column(String(16))
     rule: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)
-    sr_url: Mapped[str | None] = mapped_column(Text)  # filled once the SR writer exists
-    heatmap_url: Mapped[str | None] = mapped_column(Text)  # filled once the heatmap writer exists
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -31,7 +31,7 @@ def check_database(settings: Settings) -> Check:
 
 
 def check_broker(settings: Settings) -> Check:
-    from cxr_triage.queue import producer
+    from infra.queue import producer
 
     try:
         with producer(settings).connection_for_write() as conn:

@@ -1,4 +1,4 @@
-"""The Celery configuration and the producer side of the queues (listener and tools send by task name)."""
+"""The Celery configuration and the producer side of the queues (listener, workers and tools send by task name)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
+from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
+from db import repo
+from db.session import session_scope
+
+log = get_logger(__name__)
 
 TRIAGE_TASK = "cxr_triage.triage"
 RETRAIN_TASK = "cxr_triage.retrain"
@@ -101,3 +106,19 @@ def send_result(settings: Settings, result_id: int, *, timeout_s: float = 3.0) -
         retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": timeout_s / 2, "interval_max": timeout_s},
     )
     return str(result.id)
+
+
+def hand_over_result(settings: Settings, result_id: int) -> bool:
+    """Send a result object's delivery task to queue `cpu` and mark the row queued.
+
+    False when the broker did not take it: the row stays pending and the listener's outbox sends it later. The one
+    place results are (re-)queued, by the worker after a triage and by the outbox.
+    """
+    try:
+        send_result(settings, result_id)
+    except Exception as exc:  # any broker failure: the row stays pending
+        log.warning("queue.send_failed", result_id=result_id, error=f"{type(exc).__name__}: {exc}"[:200])
+        return False
+    with session_scope(settings.effective_database_url) as session:
+        repo.mark_result_queued(session, result_id)
+    return True

@@ -8,12 +8,12 @@ import time
 from sqlalchemy import select
 
 from cxr_triage.logs import get_logger
-from cxr_triage.queue import send_result, send_triage
 from cxr_triage.registry import Registry
 from cxr_triage.settings import Settings
 from db import repo
 from db.models import Instance
 from db.session import session_scope
+from infra.queue import hand_over_result, send_triage
 
 log = get_logger(__name__)
 
@@ -75,13 +75,8 @@ class Dispatcher:
             due = repo.results_to_send(session, stale_before=repo.stale_cutoff(self.settings.requeue_after_s))
         sent = 0
         for result_id in due:
-            try:
-                send_result(self.settings, result_id)
-            except Exception as exc:
-                log.warning("queue.send_failed", result_id=result_id, error=f"{type(exc).__name__}: {exc}")
+            if not hand_over_result(self.settings, result_id):
                 break
-            with session_scope(self.settings.effective_database_url) as session:
-                repo.mark_result_queued(session, result_id)
             sent += 1
         return sent
 

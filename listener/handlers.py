@@ -24,7 +24,8 @@ from listener.spool import write_instance
 log = get_logger(__name__)
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+def _column_value(ds: Dataset, keyword: str, limit: int) -> str | None:
+    """The attribute as stored in a database column: None when absent or empty, else cut to the column width."""
     value = ds.get(keyword)
     if value is None or str(value) == "":
         return None
@@ -81,23 +82,23 @@ class StoreHandler:
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class_uid,
             study_instance_uid=study_uid,
-            series_instance_uid=_text(ds, "SeriesInstanceUID", 64),
+            series_instance_uid=_column_value(ds, "SeriesInstanceUID", 64),
             transfer_syntax_uid=str(event.context.transfer_syntax),
             calling_aet=calling_aet,
-            modality=_text(ds, "Modality", 16),
-            body_part=_text(ds, "BodyPartExamined", 64),
-            view_position=_text(ds, "ViewPosition", 16),
+            modality=_column_value(ds, "Modality", 16),
+            body_part=_column_value(ds, "BodyPartExamined", 64),
+            view_position=_column_value(ds, "ViewPosition", 16),
             path=str(spooled.path.resolve()),
             size_bytes=spooled.size_bytes,
             sha256=spooled.sha256,
             status=InstanceStatus.RECEIVED if decision.triage else InstanceStatus.SKIPPED,
             status_reason=decision.reason,
-            patient_name=_text(ds, "PatientName", 200),
-            patient_id=_text(ds, "PatientID", 64),
-            accession_number=_text(ds, "AccessionNumber", 64),
-            study_date=_text(ds, "StudyDate", 8),
-            study_description=_text(ds, "StudyDescription", 200),
-            requested_priority=_text(ds, "RequestedProcedurePriority", 16),
+            patient_name=_column_value(ds, "PatientName", 200),
+            patient_id=_column_value(ds, "PatientID", 64),
+            accession_number=_column_value(ds, "AccessionNumber", 64),
+            study_date=_column_value(ds, "StudyDate", 8),
+            study_description=_column_value(ds, "StudyDescription", 200),
+            requested_priority=_column_value(ds, "RequestedProcedurePriority", 16),
         )
         try:
             with session_scope(self.settings.effective_database_url) as session:

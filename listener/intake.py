@@ -59,7 +59,8 @@ class IntakeDecision:
     reason: str | None = None
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _upper_word(ds: Dataset, keyword: str) -> str:
+    """The attribute as a stripped upper-case string for matching against keywords; "" when absent."""
     value = ds.get(keyword)
     return str(value).strip().upper() if value is not None else ""
 
@@ -71,10 +72,10 @@ def _region_codes(ds: Dataset) -> list[tuple[str, str]]:
 
 def decide(ds: Dataset, settings: Settings) -> IntakeDecision:
     """Triage frontal chest radiographs; anything else gets a reason (stored, never triaged)."""
-    modality = _text(ds, "Modality")
+    modality = _upper_word(ds, "Modality")
     if settings.triage_modalities and modality not in settings.triage_modalities:
         return IntakeDecision(False, f"modality {modality or 'absent'}")
-    body_part = _text(ds, "BodyPartExamined")
+    body_part = _upper_word(ds, "BodyPartExamined")
     regions = _region_codes(ds)
     if body_part:
         if settings.triage_body_parts and body_part not in settings.triage_body_parts:
@@ -84,13 +85,13 @@ def decide(ds: Dataset, settings: Settings) -> IntakeDecision:
             meaning = regions[0][1] or regions[0][0]
             return IntakeDecision(False, f"anatomic region {meaning.upper()}")
     else:
-        words = set(re.findall(r"[A-Z]+", " ".join(_text(ds, k) for k in DESCRIPTION_KEYWORDS)))
+        words = set(re.findall(r"[A-Z]+", " ".join(_upper_word(ds, k) for k in DESCRIPTION_KEYWORDS)))
         non_chest = [w for w in NON_CHEST_WORDS if w in words]
         if non_chest and not words.intersection(CHEST_WORDS):
             return IntakeDecision(False, f"description names {non_chest[0]}, no body part given")
-        if words.intersection(LATERAL_WORDS) and not _text(ds, "ViewPosition"):
+        if words.intersection(LATERAL_WORDS) and not _upper_word(ds, "ViewPosition"):
             return IntakeDecision(False, "lateral view (from description)")
-    view = _text(ds, "ViewPosition")
+    view = _upper_word(ds, "ViewPosition")
     if view and settings.triage_view_positions and view not in settings.triage_view_positions:
         if view in ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD"):
             return IntakeDecision(False, f"lateral view ({view})")

@@ -1,5 +1,5 @@
-"""`python -m cxr_triage ...` runs the CLI."""
+"""`python -m service ...` runs the `cxr-triage` command."""
 
-from cxr_triage.cli import main
+from service.cli import main
 
 main()

@@ -107,9 +107,9 @@ def run() -> None:
     console.print(f"  promoted model set: {promoted or 'none (instances wait as awaiting_model)'}")
     console.print(f"  worklist page: http://{settings.api_host}:{settings.api_port}/ (users: cxr-triage users create)")
     commands = {
-        "listener": [sys.executable, "-m", "cxr_triage", "listener"],
-        "worker": [sys.executable, "-m", "cxr_triage", "worker"],
-        "api": [sys.executable, "-m", "cxr_triage", "api"],
+        "listener": [sys.executable, "-m", "service", "listener"],
+        "worker": [sys.executable, "-m", "service", "worker"],
+        "api": [sys.executable, "-m", "service", "api"],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
     stopping = False
@@ -159,7 +159,7 @@ def status(limit: int = typer.Option(20, help="Most recent instances to list."))
 @app.command()
 def health(listener: bool = typer.Option(True, help="Also C-ECHO the listener.")) -> None:
     """Check database, broker, spool, promoted model and listener; prints JSON, exits 1 if any check fails."""
-    from cxr_triage.health import run_checks
+    from infra.health import run_checks
 
     checks = run_checks(get_settings(), listener=listener)
     console.print_json(json.dumps({c.name: {"ok": c.ok, "detail": c.detail} for c in checks}))

@@ -153,7 +153,7 @@ class Service:
         return proc
 
     def start_listener(self) -> subprocess.Popen[bytes]:
-        proc = self._spawn("listener", [sys.executable, "-m", "cxr_triage", "listener"])
+        proc = self._spawn("listener", [sys.executable, "-m", "service", "listener"])
         wait_for_port(self.port, proc=proc)
         return proc
 

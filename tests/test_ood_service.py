@@ -21,7 +21,7 @@ from sqlalchemy import select
 from cxr_triage.registry import Registry
 from db.models import Instance, InstanceStatus, Prediction
 from db.session import session_scope
-from db.worklist_models import TriageResult
+from db.worklist_models import PriorityAssignment
 from tests.conftest import DICOM_DIR, ROOT, wait_until
 
 pytestmark = pytest.mark.integration
@@ -96,9 +96,9 @@ def test_non_chest_and_text_pages_are_indeterminate_while_chest_films_are_not(
     def outcome() -> dict[str, tuple[str, str | None, bool | None, float | None]]:
         with session_scope(pg_url) as session:
             rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.status, TriageResult.rule, Prediction.out_of_distribution,
-                       Prediction.ood_score)
-                .outerjoin(TriageResult, TriageResult.instance_id == Instance.id)
+                select(Instance.sop_instance_uid, Instance.status, PriorityAssignment.rule,
+                       Prediction.out_of_distribution, Prediction.ood_score)
+                .outerjoin(PriorityAssignment, PriorityAssignment.instance_id == Instance.id)
                 .outerjoin(Prediction, Prediction.instance_id == Instance.id)
             ).all()  # fmt: skip
         return {uid: (status, rule, flag, score) for uid, status, rule, flag, score in rows}

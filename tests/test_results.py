@@ -146,7 +146,7 @@ def test_heatmap_secondary_capture_is_valid_and_says_not_for_diagnosis(tmp_path:
 def test_sr_show_prints_the_finding_and_scores_in_plain_words(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cxr_triage.cli import app
+    from service.cli import app
 
     sr = build_sr(read_dataset(DICOM_DIR / SOURCES[0]), _result())
     path = tmp_path / "sr.dcm"

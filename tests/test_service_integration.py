@@ -224,7 +224,7 @@ def test_embedded_defaults_sqlite_and_filesystem_broker(tiny_registry, service_f
     home = tmp_path / "embedded"
     service = service_factory(database_url="", broker_url="", models_dir=tiny_registry.root)
     service.env["CXR_HOME"] = str(home)
-    proc = service._spawn("run", [sys.executable, "-m", "cxr_triage", "run"])
+    proc = service._spawn("run", [sys.executable, "-m", "service", "run"])
     wait_for_port(service.port, proc=proc, timeout=90)
     echo = subprocess.run(
         ["/usr/bin/echoscu", "-aec", "CXRTRIAGE", "127.0.0.1", str(service.port)],
@@ -397,9 +397,9 @@ def test_results_are_retried_while_the_pacs_is_down_and_delivered_when_it_return
 def test_retraining_through_celery_gates_promotes_and_a_running_worker_switches(
     pg_url, redis_url, tiny_registry, service_factory, tmp_path
 ):
-    from cxr_triage.queue import RETRAIN_TASK, producer
     from cxr_triage.settings import Settings
     from db.models import Prediction
+    from infra.queue import RETRAIN_TASK, producer
     from training.fixtures import make_dataset
 
     manifest = make_dataset(tmp_path / "data", patients_per_label=6)

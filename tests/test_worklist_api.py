@@ -13,15 +13,16 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from cxr_triage.labels import COVID19, DEMO_DISCLAIMER, NO_FINDING, PNEUMONIA
+from cxr_triage.priority import Rules, evaluate
 from cxr_triage.settings import Settings
 from db import repo
 from db.migrate import upgrade
 from db.models import InstanceStatus, Study, utcnow
 from db.session import session_scope
 from db.worklist_models import WorklistEntry
+from db.worklist_repo import assign_priority as assign
 from worklist.app import create_app
 from worklist.auth import create_user, issue_token
-from worklist.priority import Rules, assign, evaluate
 
 PATIENT = "Doe^Jane"
 _uids = itertools.count(1)
@@ -40,7 +41,7 @@ def add_study(
     probabilities: dict[str, float] | None = None,
     members: dict[str, dict[str, float]] | None = None,
     requested_priority: str | None = None,
-    status: str = InstanceStatus.DONE,
+    status: InstanceStatus = InstanceStatus.DONE,
     patient_name: str = PATIENT,
     age_s: float = 0.0,
     study_uid: str | None = None,
@@ -78,9 +79,7 @@ def add_study(
         study.created_at = instance.received_at = utcnow() - timedelta(seconds=age_s)
         if probabilities is not None:
             label = max(probabilities, key=lambda k: probabilities[k])
-            repo.save_prediction(
-                session,
-                instance,
+            record = repo.PredictionRecord(
                 model_set="test",
                 model_versions=list(members or {"m1": probabilities}),
                 label=label,
@@ -91,6 +90,7 @@ def add_study(
                 inference_ms=1.0,
                 not_for_clinical_use=True,
             )
+            repo.save_prediction(session, instance, record)
             assign(session, instance.id, settings)
         elif status != InstanceStatus.QUEUED:
             repo.set_status(session, instance, status, "test")
@@ -314,7 +314,7 @@ def test_login_page_session_and_logout(settings: Settings, token: str) -> None:
 
 def test_users_cli_creates_a_user_who_can_sign_in(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from cxr_triage import settings as settings_module
-    from cxr_triage.cli import app
+    from service.cli import app
 
     monkeypatch.setenv("CXR_DATABASE_URL", settings.effective_database_url)
     monkeypatch.setenv("CXR_HOME", str(settings.home))

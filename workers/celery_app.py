@@ -10,8 +10,8 @@ from celery.schedules import crontab
 from celery.signals import setup_logging, worker_process_init
 
 from cxr_triage.logs import configure_logging
-from cxr_triage.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config
 from cxr_triage.settings import get_settings
+from infra.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config
 
 app = Celery("cxr_triage", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))

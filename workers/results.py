@@ -1,28 +1,29 @@
-"""Produce the result objects of one triage (SR, heatmap) and deliver them to the configured destination."""
+"""Build and store the result objects of one triage (queue gpu), one builder per kind in cxr_triage/result_kinds.py.
+
+Delivery to the PACS is workers/delivery.py (queue cpu).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Final
 
 import torch
 from pydicom.dataset import Dataset
 
 from cxr_triage.durable import write_durably
-from cxr_triage.logs import get_logger
 from cxr_triage.pixels import decode_dicom
+from cxr_triage.result_kinds import enabled_kinds
 from cxr_triage.settings import Settings
 from cxr_triage.uids import require_uid
-from db import repo
 from db.models import ResultObject, ResultStatus
-from db.session import session_scope
 from workers.ensemble import Ensemble, EnsembleOutput
 from workers.heatmap import build_heatmap_sc, grad_cam, render_overlay
-from workers.sender import Destination, SendError, c_store
+from workers.sender import Destination
 from workers.sr import TriageResult, build_sr
-
-log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,36 @@ def _write(settings: Settings, ds: Dataset) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a builder may use: the source instance, the ensemble, its inputs and output, the SR's content."""
+
+    settings: Settings
+    source: Dataset
+    ensemble: Ensemble
+    inputs: dict[int, torch.Tensor]
+    output: EnsembleOutput
+    result: TriageResult
+
+
+def _build_sr(ctx: BuildContext) -> Dataset:
+    return build_sr(ctx.source, ctx.result)
+
+
+def _build_heatmap(ctx: BuildContext) -> Dataset:
+    cam = grad_cam(ctx.ensemble, ctx.inputs, ctx.output.label)
+    rgb = render_overlay(decode_dicom(ctx.source, 512).pixels, cam, ctx.result)
+    return build_heatmap_sc(ctx.source, rgb, ctx.result)
+
+
+# One builder per entry of cxr_triage.result_kinds.RESULT_KINDS (tests/test_architecture.py checks they match).
+BUILDERS: Final[dict[str, Callable[[BuildContext], Dataset]]] = {"sr": _build_sr, "heatmap": _build_heatmap}
+
+
 def produce(
     settings: Settings, source: Dataset, ensemble: Ensemble, inputs: dict[int, torch.Tensor], output: EnsembleOutput
 ) -> list[ProducedObject]:
-    """Build and store the SR (and the heatmap when enabled) for one triaged instance."""
+    """Build and store every enabled kind of result object for one triaged instance."""
     result = TriageResult(
         label=output.label,
         probabilities=output.probabilities,
@@ -55,11 +82,8 @@ def produce(
         members=tuple(m.card for m in ensemble.members),
         not_for_clinical_use=ensemble.not_for_clinical_use,
     )
-    objects: list[tuple[str, Dataset]] = [("sr", build_sr(source, result))]
-    if settings.results_heatmap:
-        cam = grad_cam(ensemble, inputs, output.label)
-        rgb = render_overlay(decode_dicom(source, 512).pixels, cam, result)
-        objects.append(("heatmap", build_heatmap_sc(source, rgb, result)))
+    ctx = BuildContext(settings, source, ensemble, inputs, output, result)
+    objects = [(kind.name, BUILDERS[kind.name](ctx)) for kind in enabled_kinds(settings)]
     return [
         ProducedObject(
             kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), _write(settings, ds)
@@ -86,44 +110,3 @@ def result_rows(
         )
         for obj in objects
     ]
-
-
-@dataclass(frozen=True)
-class DeliveryOutcome:
-    status: str  # delivered, retry, failed, noop
-    detail: str = ""
-
-
-def deliver(settings: Settings, result_id: int, *, attempt: int) -> DeliveryOutcome:
-    """One delivery attempt of a result object, recorded in delivery_attempts. Idempotent once delivered."""
-    destination = Destination.from_settings(settings)
-    url = settings.effective_database_url
-    with session_scope(url) as session:
-        row = session.get(ResultObject, result_id)
-        if row is None or row.status in (ResultStatus.DELIVERED, ResultStatus.STORED):
-            return DeliveryOutcome("noop")
-        path, sop_uid = Path(row.path), row.sop_instance_uid
-    bound = log.bind(result_sop_instance_uid=sop_uid, attempt=attempt)
-    if destination is None:
-        with session_scope(url) as session:
-            repo.record_delivery(session, result_id, destination="", dimse_status=None, error="no destination")
-        return DeliveryOutcome("noop", "no destination configured")
-    try:
-        status = c_store(destination, path, calling_aet=settings.ae_title)
-    except (SendError, OSError, ValueError) as exc:
-        final = attempt >= settings.results_send_max_retries
-        with session_scope(url) as session:
-            repo.record_delivery(
-                session,
-                result_id,
-                destination=str(destination),
-                dimse_status=getattr(exc, "dimse_status", None),
-                error=str(exc)[:500],
-                final=final,
-            )
-        bound.warning("results.send_failed", destination=str(destination), error=str(exc)[:200], final=final)
-        return DeliveryOutcome("failed" if final else "retry", str(exc))
-    with session_scope(url) as session:
-        repo.record_delivery(session, result_id, destination=str(destination), dimse_status=status, error=None)
-    bound.info("results.delivered", destination=str(destination), dimse_status=status)
-    return DeliveryOutcome("delivered")

@@ -8,11 +8,11 @@ import structlog
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
-from cxr_triage.queue import RETRAIN_TASK, SEND_RESULT_TASK, TRIAGE_TASK
 from cxr_triage.registry import Registry
 from cxr_triage.settings import get_settings
-from workers import results
+from infra.queue import RETRAIN_TASK, SEND_RESULT_TASK, TRIAGE_TASK
 from workers.celery_app import app
+from workers.delivery import Delivery, deliver
 from workers.ensemble import EnsembleProvider
 from workers.triage import triage_instance
 
@@ -54,8 +54,8 @@ def send_result(self: Task, result_id: int) -> str:
     """Deliver one result object to the PACS; retried with exponential backoff, then recorded as failed."""
     settings = get_settings()
     attempt = self.request.retries + 1
-    outcome = results.deliver(settings, result_id, attempt=attempt)
-    if outcome.status == "retry":
+    outcome = deliver(settings, result_id, attempt=attempt)
+    if outcome.status is Delivery.RETRY:
         countdown = min(settings.results_retry_base_s * 2**self.request.retries, 3600.0)
         raise self.retry(countdown=countdown)
     return outcome.status
@@ -68,34 +68,11 @@ def retrain(self: Task, manifest: str | None = None, **overrides: Any) -> dict[s
     Running triage workers pick up a newly promoted ensemble between tasks (they poll the registry pointer).
     """
     from dataclasses import asdict
-    from pathlib import Path
 
-    from training.gate import GateConfig
     from training.pipeline import RetrainConfig
     from training.pipeline import retrain as run_retrain
 
-    settings = get_settings()
-    source = manifest or (str(settings.retrain_manifest) if settings.retrain_manifest else None)
-    if source is None:
-        raise ValueError("no manifest: set CXR_RETRAIN_MANIFEST or pass manifest=")
-    gate = GateConfig(
-        max_auroc_drop=settings.gate_max_auroc_drop,
-        min_macro_auroc=settings.gate_min_macro_auroc,
-        min_covid_sensitivity=settings.gate_min_covid_sensitivity,
-        max_ece=settings.gate_max_ece,
-        n_boot=int(overrides.pop("n_boot", 1000)),
-    )
-    config = RetrainConfig(
-        manifest=Path(source),
-        registry_dir=settings.models_dir,
-        work_dir=settings.effective_retrain_work_dir,
-        architectures=tuple(overrides.pop("architectures", settings.retrain_architectures)),
-        epochs=int(overrides.pop("epochs", settings.retrain_epochs)),
-        size=int(overrides.pop("size", settings.retrain_size)),
-        threads=settings.retrain_threads,
-        gate=gate,
-        **overrides,
-    )
+    config = RetrainConfig.from_settings(get_settings(), manifest, **overrides)
     log = structlog.get_logger("retrain").bind(task_id=self.request.id)
     decision = run_retrain(config, log=lambda message: log.info("retrain.progress", message=str(message)[:500]))
     log.info("retrain.decided", candidate=decision.candidate, accepted=decision.accepted, reasons=decision.reasons)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cxr_triage.logs import get_logger
 from cxr_triage.pixels import PixelDecodeError, decode_dicom, normalise, read_dataset
-from cxr_triage.queue import send_result
 from cxr_triage.settings import Settings
 from db import repo
 from db.models import Instance, InstanceStatus, as_utc, utcnow
 from db.session import session_scope
+from db.worklist_repo import assign_priority
+from infra.queue import hand_over_result
 from workers import results
 from workers.ensemble import EnsembleProvider
-from worklist.priority import assign as assign_priority
-from worklist.priority import link_results
 
 log = get_logger(__name__)
 
@@ -81,9 +79,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
     with session_scope(url) as session:
         inst = session.get(Instance, instance_id)
         assert inst is not None
-        prediction = repo.save_prediction(
-            session,
-            inst,
+        record = repo.PredictionRecord(
             model_set=ensemble.name,
             model_versions=ensemble.versions,
             label=output.label,
@@ -97,15 +93,15 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
             out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
             operating_point=dict(ensemble.spec.operating_point) or None,
         )
+        prediction = repo.save_prediction(session, inst, record)
         assign_priority(session, instance_id, settings)  # the worklist priority, in the same transaction
         if results_error:
             inst.status_reason = f"{inst.status_reason}; result objects not built: {results_error}"
         result_ids = repo.add_results(
             session, results.result_rows(settings, objects, instance_id=instance_id, prediction_id=prediction.id)
         )
-        link_results(session, instance_id, {obj.kind: obj.sop_instance_uid for obj in objects})
     for result_id in result_ids:
-        _queue_delivery(settings, result_id, bound)
+        hand_over_result(settings, result_id)  # if the broker is down, the listener's outbox sends it later
     bound.info(
         "triage.done",
         label=output.label,
@@ -118,14 +114,3 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
         results=[obj.kind for obj in objects],
     )
     return TriageOutcome(InstanceStatus.DONE, output.label)
-
-
-def _queue_delivery(settings: Settings, result_id: int, bound: Any) -> None:
-    """Hand a pending result to queue `cpu`; if the broker is down the listener's outbox sends it later."""
-    try:
-        send_result(settings, result_id)
-    except Exception as exc:
-        bound.warning("results.queue_failed", result_id=result_id, error=f"{type(exc).__name__}: {exc}"[:200])
-        return
-    with session_scope(settings.effective_database_url) as session:
-        repo.mark_result_queued(session, result_id)

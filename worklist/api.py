@@ -9,19 +9,21 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cxr_triage.labels import Label
 from cxr_triage.logs import get_logger
+from cxr_triage.priority import Priority
+from cxr_triage.result_kinds import RESULT_KINDS
 from db.models import ResultObject, Study, utcnow
 from db.session import session_scope
-from worklist import priority as rules
+from db.worklist_repo import set_read as store_read
+from db.worklist_repo import set_user_priority as store_user_priority
 from worklist.auth import AuthUser, authenticate, issue_token, revoke_token
-from worklist.deps import current_user, database_url, get_settings, request_token
+from worklist.deps import current_user, database_url, request_settings, request_token
 from worklist.queries import Filters, list_worklist, study_detail
 from worklist.schemas import (
     UID_PATTERN,
-    Label,
     LoginRequest,
     Me,
-    Priority,
     ReadState,
     StudyDetail,
     StudyStatus,
@@ -45,7 +47,7 @@ WRONG_PASSWORD: Responses = {401: {"description": "Wrong username or password."}
 @router.post("/login", operation_id="login", responses=WRONG_PASSWORD)
 def login(body: LoginRequest, request: Request) -> TokenResponse:
     """Exchange a username and password for a bearer token (a session that expires)."""
-    ttl = get_settings(request).session_ttl_s
+    ttl = request_settings(request).session_ttl_s
     with session_scope(database_url(request)) as session:
         user = authenticate(session, body.username, body.password)
         if user is None:
@@ -111,7 +113,7 @@ def set_read(
     """Mark the study read (by the signed-in user) or unread."""
     with session_scope(database_url(request)) as session:
         study = _study(session, study_instance_uid)
-        rules.set_read(session, study, body.read, user_id=user.id)
+        store_read(session, study, body.read, user_id=user.id)
     log.info("worklist.read", study_instance_uid=study_instance_uid, read=body.read, user_id=user.id)
     return get_study(study_instance_uid, request, user)
 
@@ -127,7 +129,7 @@ def set_priority(
     """Set (or clear with null) the user's priority: the effective priority never goes below it."""
     with session_scope(database_url(request)) as session:
         study = _study(session, study_instance_uid)
-        rules.set_user_priority(session, study, body.priority, user_id=user.id)
+        store_user_priority(session, study, body.priority, user_id=user.id)
     log.info("worklist.user_priority", study_instance_uid=study_instance_uid, priority=body.priority, user_id=user.id)
     return get_study(study_instance_uid, request, user)
 
@@ -136,10 +138,12 @@ ResultUID = Annotated[str, Path(pattern=UID_PATTERN, description="SOP Instance U
 NO_RESULT: Responses = {404: {"description": "No such result object."}}
 
 
-def _result_path(request: Request, sop_instance_uid: str, *, kind: str | None = None) -> str:
+def _result_path(request: Request, sop_instance_uid: str, *, image: bool = False) -> str:
+    """The stored file of a result object; with `image`, only of a kind that is a picture."""
     with session_scope(database_url(request)) as session:
         row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == sop_instance_uid))
-        if row is None or (kind is not None and row.kind != kind):
+        kind = RESULT_KINDS.get(row.kind) if row is not None else None
+        if row is None or kind is None or (image and not kind.image):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object")
         return row.path
 
@@ -167,14 +171,14 @@ def result_object(sop_instance_uid: ResultUID, request: Request, user: AuthUser 
     responses={**UNAUTHORIZED, **NO_RESULT, 200: {"content": {"image/png": {}}}},
     response_class=Response,
 )
-def heatmap_preview(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
-    """The heatmap Secondary Capture as a PNG (for the worklist thumbnail and the detail view)."""
+def image_preview(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
+    """A picture result (the heatmap Secondary Capture) as a PNG, for the worklist thumbnail and the study page."""
     import io
 
     import pydicom
     from PIL import Image
 
-    path = _result_path(request, sop_instance_uid, kind="heatmap")
+    path = _result_path(request, sop_instance_uid, image=True)
     try:
         pixels = pydicom.dcmread(path).pixel_array
     except Exception as exc:

@@ -11,9 +11,9 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from cxr_triage.health import check_broker, check_database
 from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.settings import Settings, get_settings
+from infra.health import check_broker, check_database
 from worklist import api, pages
 from worklist.metrics import DatabaseCollector
 from worklist.schemas import HealthReport

@@ -13,13 +13,14 @@ bearer_scheme = HTTPBearer(auto_error=False, description="A token from `cxr-tria
 cookie_scheme = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The page's login session.")
 
 
-def get_settings(request: Request) -> Settings:
+def request_settings(request: Request) -> Settings:
+    """The settings the app was created with (worklist/app.py), not a fresh read of the environment."""
     settings: Settings = request.app.state.settings
     return settings
 
 
 def database_url(request: Request) -> str:
-    return get_settings(request).effective_database_url
+    return request_settings(request).effective_database_url
 
 
 def request_token(

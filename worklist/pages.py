@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, Request, Response
@@ -12,11 +12,12 @@ from fastapi.templating import Jinja2Templates
 
 from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
 from cxr_triage.logs import get_logger
+from cxr_triage.priority import PRIORITIES
 from db.session import session_scope
 from worklist.auth import SESSION_COOKIE, AuthUser, authenticate, issue_token, revoke_token
-from worklist.deps import database_url, get_settings, optional_user, request_token
-from worklist.priority import PRIORITIES
+from worklist.deps import database_url, optional_user, request_settings, request_token
 from worklist.queries import Filters, list_worklist, study_detail
+from worklist.schemas import StudyStatus
 
 log = get_logger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -59,7 +60,7 @@ def login_submit(
     password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form(max_length=500)] = "/",
 ) -> Response:
-    settings = get_settings(request)
+    settings = request_settings(request)
     with session_scope(database_url(request)) as session:
         user = authenticate(session, username, password)
         token = issue_token(session, user.id, kind="session", ttl_s=settings.session_ttl_s) if user else None
@@ -101,7 +102,7 @@ def worklist_page(request: Request, user: AuthUser | None = Depends(optional_use
         page = list_worklist(
             session,
             Filters(
-                status=filters["status"] if filters["status"] in ("pending", "done", "failed", "skipped") else None,
+                status=filters["status"] if filters["status"] in get_args(StudyStatus) else None,
                 priority=filters["priority"] if filters["priority"] in PRIORITIES else None,
                 label=filters["label"] if filters["label"] in CLASS_LABELS else None,
                 read=read,
@@ -111,7 +112,7 @@ def worklist_page(request: Request, user: AuthUser | None = Depends(optional_use
     return templates.TemplateResponse(
         request,
         "worklist.html",
-        _context(request, user=user, page=page, filters=filters, poll_s=get_settings(request).worklist_poll_s),
+        _context(request, user=user, page=page, filters=filters, poll_s=request_settings(request).worklist_poll_s),
     )
 
 

@@ -1,4 +1,8 @@
-"""Worklist queries: the ordered, filtered list of studies and one study with its instances and results."""
+"""Worklist queries: the ordered, filtered list of studies and one study with its instances and results.
+
+The ranking in SQL uses the domain's priority rules (cxr_triage/priority.py); the links to result objects are built
+here, from the result kinds registry, because the API serves them.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,20 @@ from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session, aliased
 
 from cxr_triage.labels import DEMO_DISCLAIMER
-from db.models import Instance, InstanceStatus, Prediction, Study, as_utc, utcnow
-from db.worklist_models import TriageResult, User, WorklistEntry
-from worklist.priority import DICOM_PRIORITIES, INDETERMINATE, PRIORITIES, RANK, ROUTINE, dicom_priority
-from worklist.schemas import InstanceDetail, PredictionDetail, StudyDetail, WorklistItem, WorklistPage
+from cxr_triage.priority import (
+    DICOM_PRIORITIES,
+    FAILED_TRIAGE_FLOOR,
+    FAILED_TRIAGE_RULE,
+    PRIORITIES,
+    RANK,
+    ROUTINE,
+    Source,
+    dicom_priority,
+)
+from cxr_triage.result_kinds import RESULT_KINDS
+from db.models import Instance, InstanceStatus, Prediction, ResultObject, Study, as_utc, utcnow
+from db.worklist_models import PriorityAssignment, User, WorklistEntry
+from worklist.schemas import InstanceDetail, PredictionDetail, ResultLink, StudyDetail, WorklistItem, WorklistPage
 
 PENDING = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.PROCESSING, InstanceStatus.AWAITING_MODEL)
 
@@ -48,7 +62,8 @@ def _counts() -> Any:
 
 
 def _expressions(counts: Any) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
-    """(status, rank): a study without a result ranks by its DICOM priority; a failed triage is indeterminate."""
+    """(status, rank): a study without a result ranks by its DICOM priority; a failed triage is at least
+    FAILED_TRIAGE_FLOOR."""
     status = case(
         (counts.c.n_pending > 0, "pending"),
         (counts.c.n_failed > 0, "failed"),
@@ -60,7 +75,8 @@ def _expressions(counts: Any) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
         *[(requested == word, RANK[priority]) for word, priority in DICOM_PRIORITIES.items()], else_=RANK[ROUTINE]
     )
     base = func.coalesce(WorklistEntry.rank, requested_rank)
-    rank = case((and_(counts.c.n_failed > 0, base < RANK[INDETERMINATE]), RANK[INDETERMINATE]), else_=base)
+    floor = RANK[FAILED_TRIAGE_FLOOR]
+    rank = case((and_(counts.c.n_failed > 0, base < floor), floor), else_=base)
     return status, rank
 
 
@@ -70,11 +86,13 @@ def list_worklist(session: Session, filters: Filters) -> WorklistPage:
     status, rank = _expressions(counts)
     reader = aliased(User)
     query = (
-        select(Study, counts.c.n, status.label("status"), rank.label("rank"), WorklistEntry, TriageResult, Prediction)
+        select(
+            Study, counts.c.n, status.label("status"), rank.label("rank"), WorklistEntry, PriorityAssignment, Prediction
+        )
         .join(counts, counts.c.study_id == Study.id)
         .outerjoin(WorklistEntry, WorklistEntry.study_id == Study.id)
-        .outerjoin(TriageResult, TriageResult.instance_id == WorklistEntry.deciding_instance_id)
-        .outerjoin(Prediction, Prediction.id == TriageResult.prediction_id)
+        .outerjoin(PriorityAssignment, PriorityAssignment.instance_id == WorklistEntry.deciding_instance_id)
+        .outerjoin(Prediction, Prediction.id == PriorityAssignment.prediction_id)
         .add_columns(reader.username)
         .outerjoin(reader, reader.id == WorklistEntry.read_by)
     )
@@ -99,7 +117,8 @@ def list_worklist(session: Session, filters: Filters) -> WorklistPage:
     rows = session.execute(
         query.order_by(rank.desc(), Study.created_at, Study.id).limit(filters.limit).offset(filters.offset)
     ).all()
-    items = [_item(*row) for row in rows]
+    links = result_links(session, [row[6].id for row in rows if row[6] is not None])
+    items = [_item(*row, links=links) for row in rows]
     demo = any(item.not_for_clinical_use for item in items)
     return WorklistPage(
         items=items,
@@ -116,17 +135,19 @@ def _item(
     status: str,
     rank: int,
     entry: WorklistEntry | None,
-    result: TriageResult | None,
+    assignment: PriorityAssignment | None,
     prediction: Prediction | None,
     reader: str | None,
+    *,
+    links: dict[int, list[ResultLink]],
 ) -> WorklistItem:
     arrived = as_utc(study.created_at)
-    source: str
+    source: Source
     rule: str | None
     if entry is not None and entry.rank == rank:
-        source, rule = entry.source, entry.rule
-    elif status == "failed" and rank == RANK[INDETERMINATE]:
-        source, rule = "failed", "indeterminate-triage-failed"
+        source, rule = entry.source, entry.rule  # type: ignore[assignment]
+    elif status == "failed" and rank == RANK[FAILED_TRIAGE_FLOOR]:
+        source, rule = "failed", FAILED_TRIAGE_RULE
     elif dicom_priority(study.requested_priority) is not None:
         source, rule = "dicom", f"dicom-requested-{PRIORITIES[rank]}"
     else:
@@ -150,7 +171,7 @@ def _item(
         label=entry.label if entry is not None else None,
         probabilities=prediction.probabilities if prediction is not None else None,
         not_for_clinical_use=prediction.not_for_clinical_use if prediction is not None else None,
-        heatmap_url=result.heatmap_url if result is not None else None,
+        heatmap_url=_first_image(links.get(prediction.id, []) if prediction is not None else []),
         read=entry is not None and entry.read_at is not None,
         read_at=as_utc(entry.read_at) if entry is not None and entry.read_at is not None else None,
         read_by=reader,
@@ -172,7 +193,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
             .where(Prediction.instance_id == instance.id)
             .order_by(Prediction.created_at.desc(), Prediction.id.desc())
         ).first()
-        result = session.scalar(select(TriageResult).where(TriageResult.instance_id == instance.id))
+        assignment = session.scalar(select(PriorityAssignment).where(PriorityAssignment.instance_id == instance.id))
         details.append(
             InstanceDetail(
                 sop_instance_uid=instance.sop_instance_uid,
@@ -183,7 +204,9 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
                 status=instance.status,
                 status_reason=instance.status_reason,
                 received_at=as_utc(instance.received_at),
-                prediction=_prediction(instance, prediction, result) if prediction is not None else None,
+                prediction=_prediction(instance, prediction, assignment, result_links(session, [prediction.id]))
+                if prediction is not None
+                else None,
             )
         )
     return StudyDetail(
@@ -199,20 +222,61 @@ def _study_row(session: Session, study_instance_uid: str) -> tuple[WorklistItem,
     status, rank = _expressions(counts)
     reader = aliased(User)
     row = session.execute(
-        select(Study, counts.c.n, status, rank, WorklistEntry, TriageResult, Prediction, reader.username)
+        select(Study, counts.c.n, status, rank, WorklistEntry, PriorityAssignment, Prediction, reader.username)
         .join(counts, counts.c.study_id == Study.id)
         .outerjoin(WorklistEntry, WorklistEntry.study_id == Study.id)
-        .outerjoin(TriageResult, TriageResult.instance_id == WorklistEntry.deciding_instance_id)
-        .outerjoin(Prediction, Prediction.id == TriageResult.prediction_id)
+        .outerjoin(PriorityAssignment, PriorityAssignment.instance_id == WorklistEntry.deciding_instance_id)
+        .outerjoin(Prediction, Prediction.id == PriorityAssignment.prediction_id)
         .outerjoin(reader, reader.id == WorklistEntry.read_by)
         .where(Study.study_instance_uid == study_instance_uid)
     ).first()
     if row is None:
         return None
-    return _item(*row), row[0], row[4]
+    links = result_links(session, [row[6].id] if row[6] is not None else [])
+    return _item(*row, links=links), row[0], row[4]
 
 
-def _prediction(instance: Instance, prediction: Prediction, result: TriageResult | None) -> PredictionDetail:
+def result_links(session: Session, prediction_ids: list[int]) -> dict[int, list[ResultLink]]:
+    """The result objects of each prediction, in registry order, with the API path that serves each."""
+    if not prediction_ids:
+        return {}
+    order = {name: i for i, name in enumerate(RESULT_KINDS)}
+    rows = session.scalars(
+        select(ResultObject).where(ResultObject.prediction_id.in_(prediction_ids)).order_by(ResultObject.id)
+    ).all()
+    links: dict[int, list[ResultLink]] = {}
+    for row in sorted(rows, key=lambda r: (order.get(r.kind, len(order)), r.id)):
+        kind = RESULT_KINDS.get(row.kind)
+        if kind is None:  # a kind this version no longer produces: its file stays, unlinked
+            continue
+        path = f"/api/results/{row.sop_instance_uid}"
+        links.setdefault(row.prediction_id, []).append(
+            ResultLink(
+                kind=kind.name,
+                title=kind.title,
+                url=f"{path}/preview.png" if kind.image else path,
+                image=kind.image,
+                status=row.status,
+            )
+        )
+    return links
+
+
+def _first_image(links: list[ResultLink]) -> str | None:
+    return next((link.url for link in links if link.image), None)
+
+
+def _link_of(links: list[ResultLink], kind: str) -> str | None:
+    return next((link.url for link in links if link.kind == kind), None)
+
+
+def _prediction(
+    instance: Instance,
+    prediction: Prediction,
+    assignment: PriorityAssignment | None,
+    links: dict[int, list[ResultLink]],
+) -> PredictionDetail:
+    own = links.get(prediction.id, [])
     return PredictionDetail(
         label=prediction.label,
         probabilities=prediction.probabilities,
@@ -222,9 +286,10 @@ def _prediction(instance: Instance, prediction: Prediction, result: TriageResult
         not_for_clinical_use=prediction.not_for_clinical_use,
         created_at=as_utc(prediction.created_at),
         turnaround_s=(as_utc(prediction.created_at) - as_utc(instance.received_at)).total_seconds(),
-        priority=result.priority if result is not None else None,  # type: ignore[arg-type]
-        rule=result.rule if result is not None else None,
-        rule_detail=result.detail if result is not None else None,
-        sr_url=result.sr_url if result is not None else None,
-        heatmap_url=result.heatmap_url if result is not None else None,
+        priority=assignment.priority if assignment is not None else None,  # type: ignore[arg-type]
+        rule=assignment.rule if assignment is not None else None,
+        rule_detail=assignment.detail if assignment is not None else None,
+        results=own,
+        sr_url=_link_of(own, "sr"),
+        heatmap_url=_link_of(own, "heatmap"),
     )

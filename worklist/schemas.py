@@ -7,11 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from cxr_triage.priority import Priority, Source
 from worklist.auth import USERNAME_PATTERN
 
-Priority = Literal["low", "routine", "medium", "indeterminate", "high", "stat"]
 StudyStatus = Literal["pending", "done", "failed", "skipped"]
-Label = Literal["COVID-19", "Pneumonia", "No finding"]
 UID_PATTERN = r"^[0-9][0-9.]{0,63}$"
 
 
@@ -30,13 +29,13 @@ class WorklistItem(BaseModel):
     instance_count: int
     priority: Priority
     priority_rank: int = Field(description="Higher is more urgent; the list is ordered by it, then by arrival.")
-    priority_source: str = Field(description="Who set the effective priority: ai, dicom, user, failed or none.")
+    priority_source: Source = Field(description="Who set the effective priority: ai, dicom, user, failed or none.")
     rule: str | None = Field(description="The rule that fired for the effective priority.")
     ai_priority: Priority | None
     label: str | None
     probabilities: dict[str, float] | None
     not_for_clinical_use: bool | None
-    heatmap_url: str | None
+    heatmap_url: str | None = Field(description="PNG of the deciding instance's picture result (the heatmap).")
     read: bool
     read_at: datetime | None
     read_by: str | None
@@ -48,6 +47,16 @@ class WorklistPage(BaseModel):
     limit: int
     offset: int
     disclaimer: str | None = Field(description="Shown when any listed result comes from a demo model.")
+
+
+class ResultLink(BaseModel):
+    """A result object we produced (cxr_triage/result_kinds.py) and where the API serves it."""
+
+    kind: str
+    title: str
+    url: str
+    image: bool = Field(description="A picture: `url` is its PNG rendering.")
+    status: str = Field(description="Delivery: stored, pending, queued, delivered or failed.")
 
 
 class PredictionDetail(BaseModel):
@@ -62,8 +71,9 @@ class PredictionDetail(BaseModel):
     priority: Priority | None
     rule: str | None
     rule_detail: str | None
-    sr_url: str | None
-    heatmap_url: str | None
+    results: list[ResultLink] = Field(description="Every result object of this prediction, in registry order.")
+    sr_url: str | None = Field(description="The link of the result of kind sr (also in `results`).")
+    heatmap_url: str | None = Field(description="The link of the result of kind heatmap (also in `results`).")
 
 
 class InstanceDetail(BaseModel):
