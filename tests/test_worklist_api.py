@@ -29,6 +29,21 @@ _uids = itertools.count(1)
 NORMAL = {COVID19: 0.02, PNEUMONIA: 0.03, NO_FINDING: 0.95}
 COVID = {COVID19: 0.91, PNEUMONIA: 0.05, NO_FINDING: 0.04}
 RULES = Rules(stat_threshold=0.5, routine_threshold=0.8, indeterminate_margin=0.05, disagreement_threshold=0.5)
+# Long enough for the password policy (CXR_PASSWORD_MIN_LENGTH, 12) of `users create`.
+CLI_PASSWORD = "s3cret passphrase"
+# scrypt at N=2^14 here (the default, 2^17, takes ~0.7 s per hash): tests/test_worklist_hardening.py checks the
+# default cost itself.
+FAST_SCRYPT_N = 2**14
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from cxr_triage import settings as settings_module
+
+    monkeypatch.setenv("CXR_PASSWORD_SCRYPT_N", str(FAST_SCRYPT_N))
+    settings_module.get_settings.cache_clear()
+    yield
+    settings_module.get_settings.cache_clear()
 
 
 def make_settings(url: str, home: Path) -> Settings:
@@ -321,7 +336,7 @@ def test_users_cli_creates_a_user_who_can_sign_in(settings: Settings, monkeypatc
     settings_module.get_settings.cache_clear()
     try:
         runner = CliRunner()
-        created = runner.invoke(app, ["users", "create", "dr.who", "--password-stdin"], input="s3cret pass\n")
+        created = runner.invoke(app, ["users", "create", "dr.who", "--password-stdin"], input=f"{CLI_PASSWORD}\n")
         assert created.exit_code == 0, created.output
         assert runner.invoke(app, ["users", "create", "dr.who", "--password-stdin"], input="x\n").exit_code != 0
         issued = runner.invoke(app, ["users", "token", "dr.who"])
@@ -329,7 +344,7 @@ def test_users_cli_creates_a_user_who_can_sign_in(settings: Settings, monkeypatc
         with TestClient(create_app(settings)) as c:
             me = c.get("/api/me", headers={"Authorization": f"Bearer {issued.output.strip()}"})
             assert me.json() == {"username": "dr.who"}
-            assert c.post("/api/login", json={"username": "dr.who", "password": "s3cret pass"}).status_code == 200
+            assert c.post("/api/login", json={"username": "dr.who", "password": CLI_PASSWORD}).status_code == 200
     finally:
         settings_module.get_settings.cache_clear()
 

@@ -23,7 +23,11 @@ from cxr_triage.settings import Settings
 from db.migrate import upgrade
 from db.session import session_scope
 from tests.conftest import ROOT, free_port, wait_for_port
-from tests.test_worklist_api import add_study, make_settings
+from tests.test_worklist_api import (
+    add_study,
+    fast_password_hashes,  # noqa: F401 (autouse: scrypt at a test cost here too)
+    make_settings,
+)
 from worklist.app import create_app
 from worklist.auth import create_user
 

@@ -17,8 +17,8 @@ from db.models import ResultObject, Study, utcnow
 from db.session import session_scope
 from db.worklist_repo import set_read as store_read
 from db.worklist_repo import set_user_priority as store_user_priority
-from worklist.auth import AuthUser, authenticate, issue_token, revoke_token
-from worklist.deps import current_user, database_url, request_settings, request_token
+from worklist.auth import AuthUser, revoke_token
+from worklist.deps import current_user, database_url, request_settings, request_token, sign_in
 from worklist.queries import Filters, list_worklist, study_detail
 from worklist.schemas import (
     UID_PATTERN,
@@ -41,21 +41,34 @@ NOT_FOUND: Responses = {404: {"description": "No such study."}}
 BAD_BODY: Responses = {400: {"description": "The body could not be parsed."}}
 
 
-WRONG_PASSWORD: Responses = {401: {"description": "Wrong username or password."}, **BAD_BODY}
+WRONG_PASSWORD: Responses = {
+    401: {"description": "Wrong username or password."},
+    429: {
+        "description": "Too many failed logins for this username or from this address: wait Retry-After seconds.",
+        "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    },
+    **BAD_BODY,
+}
 
 
 @router.post("/login", operation_id="login", responses=WRONG_PASSWORD)
 def login(body: LoginRequest, request: Request) -> TokenResponse:
-    """Exchange a username and password for a bearer token (a session that expires)."""
+    """Exchange a username and password for a bearer token (a session that expires).
+
+    After CXR_LOGIN_MAX_FAILURES failed logins within CXR_LOGIN_WINDOW_S for a username, or from a client address,
+    further attempts get 429 (with Retry-After) without the password being checked.
+    """
+    outcome = sign_in(request, body.username, body.password)
+    if outcome.lockout is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            "too many failed logins: try again later",
+            headers={"Retry-After": str(outcome.lockout.retry_after_s)},
+        )
+    if outcome.token is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
     ttl = request_settings(request).session_ttl_s
-    with session_scope(database_url(request)) as session:
-        user = authenticate(session, body.username, body.password)
-        if user is None:
-            log.info("auth.login_failed")
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
-        token = issue_token(session, user.id, kind="session", ttl_s=ttl)
-    log.info("auth.login", user_id=user.id)
-    return TokenResponse(token=token, expires_at=utcnow() + timedelta(seconds=ttl))
+    return TokenResponse(token=outcome.token, expires_at=utcnow() + timedelta(seconds=ttl))
 
 
 @router.post("/logout", operation_id="logout", status_code=204, responses=UNAUTHORIZED)

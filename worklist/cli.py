@@ -14,7 +14,7 @@ from cxr_triage.logs import configure_logging
 from cxr_triage.settings import get_settings
 from db.session import session_scope
 from db.worklist_models import User
-from worklist.auth import AuthError, create_user, issue_token, set_password
+from worklist.auth import AuthError, check_password_policy, create_user, issue_token, set_password
 
 users_app = typer.Typer(help="Worklist users and API tokens.")
 console = Console()
@@ -40,9 +40,11 @@ PASSWORD_STDIN = typer.Option(False, "--password-stdin", help="Read the password
 
 
 def _with_password(change: Callable[[Session, str, str], object], username: str, password_stdin: bool) -> None:
-    """Read the password, apply `change` in one transaction; an AuthError becomes a usage error."""
+    """Read the password, check the policy, apply `change` in one transaction; an AuthError becomes a usage error
+    (exit status 2, with the reason)."""
     password = _password(password_stdin)
     try:
+        check_password_policy(username, password, min_length=get_settings().password_min_length)
         with session_scope(_url()) as session:
             change(session, username, password)
     except AuthError as exc:
@@ -51,14 +53,14 @@ def _with_password(change: Callable[[Session, str, str], object], username: str,
 
 @users_app.command("create")
 def users_create(username: str, password_stdin: bool = PASSWORD_STDIN) -> None:
-    """Create a user (the password is stored as a scrypt hash)."""
+    """Create a user (at least CXR_PASSWORD_MIN_LENGTH characters, not the username; stored as a scrypt hash)."""
     _with_password(create_user, username, password_stdin)
     console.print(f"created user {username}")
 
 
 @users_app.command("passwd")
 def users_passwd(username: str, password_stdin: bool = PASSWORD_STDIN) -> None:
-    """Change a user's password (signs out their browser sessions)."""
+    """Change a user's password (same policy as `create`; signs out their browser sessions)."""
     _with_password(set_password, username, password_stdin)
     console.print(f"password changed for {username}")
 

@@ -1,13 +1,20 @@
-"""Request dependencies shared by the API and the pages: settings, the database URL and the signed-in user."""
+"""Request dependencies shared by the API and the pages: settings, the database URL, the signed-in user and
+signing in (with the failed-login limit)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
+from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
 from db.session import session_scope
-from worklist.auth import SESSION_COOKIE, AuthUser, user_for_token
+from worklist.auth import SESSION_COOKIE, AuthUser, authenticate, issue_token, user_for_token
+from worklist.limits import Attempt, Lockout, LoginLimiter
+
+log = get_logger(__name__)
 
 bearer_scheme = HTTPBearer(auto_error=False, description="A token from `cxr-triage users token` or POST /api/login.")
 cookie_scheme = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="The page's login session.")
@@ -48,3 +55,57 @@ def current_user(user: AuthUser | None = Depends(optional_user)) -> AuthUser:
             headers={"WWW-Authenticate": "Bearer"},
         )
     return user
+
+
+def client_address(request: Request) -> str:
+    """The peer's address as the server sees it (uvicorn applies X-Forwarded-For only from trusted proxies)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """The outcome of a login: a user and a new session token, a wrong password (both None), or a lockout."""
+
+    user: AuthUser | None = None
+    token: str | None = None
+    lockout: Lockout | None = None
+
+
+def sign_in(request: Request, username: str, password: str) -> SignIn:
+    """Check the password unless the username or the client address has too many recent failures (then a
+    lockout, and no password check at all); on success issue a session token."""
+    settings = request_settings(request)
+    limiter: LoginLimiter = request.app.state.login_limiter
+    address = client_address(request)
+    attempt = limiter.begin(username, address)
+    if isinstance(attempt, Lockout):
+        return SignIn(lockout=attempt)
+    try:
+        with session_scope(database_url(request)) as session:
+            user = authenticate(session, username, password, scrypt_n=settings.password_scrypt_n)
+            token = issue_token(session, user.id, kind="session", ttl_s=settings.session_ttl_s) if user else None
+    except BaseException:
+        limiter.cancel(attempt)
+        raise
+    if user is None or token is None:
+        _failed(limiter, attempt)
+        return SignIn()
+    limiter.succeeded(attempt)
+    log.info("auth.login", user_id=user.id)
+    return SignIn(user=user, token=token)
+
+
+def _failed(limiter: LoginLimiter, attempt: Attempt) -> None:
+    log.info("auth.login_failed", client=attempt.address)
+    for lockout in limiter.failed(attempt):
+        # Which count is full and for how long; never the password. The username only when it is the username's
+        # count that is full (an operator needs to know whose account is being guessed at).
+        who = {"username": attempt.username} if lockout.scope == "username" else {}
+        log.warning(
+            "auth.locked",
+            scope=lockout.scope,
+            client=attempt.address,
+            retry_after_s=lockout.retry_after_s,
+            window_s=limiter.window_s,
+            **who,
+        )

@@ -1,13 +1,25 @@
-"""Prometheus metrics read from the database at scrape time: instance counts, queue depth, turnaround histogram."""
+"""Prometheus metrics read from the database at scrape time: instance counts, queue depth, turnaround histogram.
+
+A scrape never reads the whole history. Counts and queue depth are one GROUP BY over the indexed `instances.status`
+(the database answers with a handful of rows). The turnaround histogram is cumulative and kept in the process: each
+scrape reads only the predictions after the last one it has seen (by primary key, at most `max_rows_per_scrape`
+rows), so after the first scrapes of a process the work is proportional to the new results, not to the table. A
+restarted process rebuilds the histogram in bounded steps over its first scrapes. Whole answers are reused for
+CXR_METRICS_CACHE_S seconds, so a burst of scrapes (the endpoint is public) costs one database read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, aliased
 
+from cxr_triage.settings import Settings
 from db.models import Instance, InstanceStatus, Prediction, as_utc
 from db.repo import status_counts
 from db.session import session_scope
@@ -22,47 +34,118 @@ QUEUED_STATES = (
 )
 
 
-class DatabaseCollector(Collector):
-    """Every scrape reads the current state, so restarts of the API lose nothing."""
+class Turnaround:
+    """A cumulative histogram of first-result turnaround, fed in order of prediction id."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self) -> None:
+        self.last_prediction_id = 0
+        self.buckets = [0] * len(TURNAROUND_BUCKETS)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        for i, le in enumerate(TURNAROUND_BUCKETS):
+            if seconds <= le:
+                self.buckets[i] += 1
+        self.count += 1
+        self.total += seconds
+
+    def advance(self, session: Session, max_rows: int, batch: int = 5000) -> None:
+        """Add the first prediction of each instance among the predictions not seen yet (at most `max_rows`)."""
+        earlier = aliased(Prediction)
+        read = 0
+        while read < max_rows:
+            limit = min(batch, max_rows - read)
+            rows = session.execute(
+                select(Prediction.id, Prediction.created_at, Instance.received_at)
+                .join(Instance, Instance.id == Prediction.instance_id)
+                .where(Prediction.id > self.last_prediction_id)
+                # an instance's later predictions (another model set) are not its turnaround
+                .where(~exists().where(earlier.instance_id == Prediction.instance_id, earlier.id < Prediction.id))
+                .order_by(Prediction.id)
+                .limit(limit)
+            ).all()
+            for prediction_id, done, received in rows:
+                self.add((as_utc(done) - as_utc(received)).total_seconds())
+                self.last_prediction_id = prediction_id
+            read += len(rows)
+            if len(rows) < limit:
+                return
+
+    def metric(self) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = [
+            (str(le), float(n)) for le, n in zip(TURNAROUND_BUCKETS, self.buckets, strict=True)
+        ]
+        buckets.append(("+Inf", float(self.count)))
+        return HistogramMetricFamily(
+            "cxr_triage_turnaround_seconds",
+            "From an instance's arrival to its result in the worklist.",
+            buckets=buckets,
+            sum_value=self.total,
+        )
+
+
+class DatabaseCollector(Collector):
+    """Counts read at scrape time (restarts of the API lose nothing); the histogram advances incrementally."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        cache_s: float = 5.0,
+        max_rows_per_scrape: int = 50_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.database_url = database_url
+        self.cache_s = cache_s
+        self.max_rows_per_scrape = max_rows_per_scrape
+        self.clock = clock
+        self.turnaround = Turnaround()
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[Metric]] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            now = self.clock()
+            if self._cached is None or now - self._cached[0] >= self.cache_s:
+                self._cached = (now, self._read())
+            metrics = self._cached[1]
+        yield from metrics
+
+    def _read(self) -> list[Metric]:
         with session_scope(self.database_url) as session:
             counts = status_counts(session)
-            first_results = (
-                select(Prediction.instance_id, func.min(Prediction.created_at).label("at"))
-                .group_by(Prediction.instance_id)
-                .subquery()
-            )
-            pairs = session.execute(
-                select(Instance.received_at, first_results.c.at).join(
-                    first_results, first_results.c.instance_id == Instance.id
-                )
-            ).all()
-        yield _counter("cxr_instances_received", "Instances received and stored.", sum(counts.values()))
-        yield _counter("cxr_instances_triaged", "Instances with a triage result.", counts.get(InstanceStatus.DONE, 0))
-        yield _counter("cxr_instances_failed", "Instances whose triage failed.", counts.get(InstanceStatus.FAILED, 0))
+            self.turnaround.advance(session, self.max_rows_per_scrape)
         depth = GaugeMetricFamily("cxr_queue_depth", "Instances waiting for a result, by status.", labels=["status"])
         for state in QUEUED_STATES:
             depth.add_metric([state], counts.get(state, 0))
-        yield depth
-        yield _histogram([(as_utc(done) - as_utc(received)).total_seconds() for received, done in pairs])
+        return [
+            _counter("cxr_instances_received", "Instances received and stored.", sum(counts.values())),
+            _counter("cxr_instances_triaged", "Instances with a triage result.", counts.get(InstanceStatus.DONE, 0)),
+            _counter("cxr_instances_failed", "Instances whose triage failed.", counts.get(InstanceStatus.FAILED, 0)),
+            depth,
+            self.turnaround.metric(),
+        ]
 
 
 def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
 
 
-def _histogram(values: list[float]) -> HistogramMetricFamily:
-    buckets: list[tuple[str, float]] = [
-        (str(le), float(sum(1 for v in values if v <= le))) for le in TURNAROUND_BUCKETS
-    ]
-    buckets.append(("+Inf", float(len(values))))
-    return HistogramMetricFamily(
-        "cxr_triage_turnaround_seconds",
-        "From an instance's arrival to its result in the worklist.",
-        buckets=buckets,
-        sum_value=sum(values),
-    )
+class SpoolCollector:
+    """The spool's free space and the watermark below which the listener refuses new instances."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        from infra.disk import spool_space
+
+        try:
+            space = spool_space(self.settings)
+        except OSError:
+            return
+        yield GaugeMetricFamily("cxr_spool_free_bytes", "Free bytes on the spool's filesystem.", value=space.free_bytes)
+        yield GaugeMetricFamily(
+            "cxr_spool_watermark_bytes", "Below this much free space the listener refuses.", value=space.watermark_bytes
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, get_args
 from urllib.parse import urlsplit
@@ -14,8 +15,8 @@ from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
 from cxr_triage.logs import get_logger
 from cxr_triage.priority import PRIORITIES
 from db.session import session_scope
-from worklist.auth import SESSION_COOKIE, AuthUser, authenticate, issue_token, revoke_token
-from worklist.deps import database_url, optional_user, request_settings, request_token
+from worklist.auth import SESSION_COOKIE, AuthUser, revoke_token
+from worklist.deps import database_url, optional_user, request_settings, request_token, sign_in
 from worklist.queries import Filters, list_worklist, study_detail
 from worklist.schemas import StudyStatus
 
@@ -61,11 +62,16 @@ def login_submit(
     next: Annotated[str, Form(max_length=500)] = "/",
 ) -> Response:
     settings = request_settings(request)
-    with session_scope(database_url(request)) as session:
-        user = authenticate(session, username, password)
-        token = issue_token(session, user.id, kind="session", ttl_s=settings.session_ttl_s) if user else None
+    outcome = sign_in(request, username, password)
+    if outcome.lockout is not None:
+        minutes = math.ceil(outcome.lockout.retry_after_s / 60)
+        page = _login_page(
+            request, status_code=429, error=f"Too many failed sign-ins. Try again in {minutes} minute(s)."
+        )
+        page.headers["Retry-After"] = str(outcome.lockout.retry_after_s)
+        return page
+    token = outcome.token
     if token is None:
-        log.info("auth.login_failed")
         return _login_page(request, status_code=401, error="Wrong username or password.")
     target = next if next.startswith("/") and not urlsplit(next).netloc and not next.startswith("//") else "/"
     response = RedirectResponse(target, status_code=303)

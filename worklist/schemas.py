@@ -119,4 +119,5 @@ class Me(BaseModel):
 
 class HealthReport(BaseModel):
     ok: bool
-    checks: dict[str, str]
+    checks: dict[str, str] = Field(description="Each part: what was found, or a short fixed reason it is down.")
+    down: list[str] = Field(default_factory=list, description="The parts that are not ready.")
