@@ -149,7 +149,12 @@ def load_ensemble(registry: Registry, name: str, device: torch.device) -> Ensemb
 
 
 class EnsembleProvider:
-    """Process-wide holder of the promoted ensemble; swaps it between tasks when promotion changes."""
+    """Process-wide holder of the promoted ensemble; swaps it between tasks when promotion changes.
+
+    A promoted set that does not load (missing or corrupt weights, a preprocessing mismatch, an unreadable pointer)
+    is refused: the provider keeps serving the ensemble it holds, logs `ensemble.load_refused` once per pointer
+    change and keeps the reason in `refusal`; it tries again when the pointer changes (re-promote after a fix).
+    """
 
     def __init__(self, registry: Registry, *, device: str = "auto", poll_s: float = 5.0) -> None:
         self.registry = registry
@@ -158,7 +163,13 @@ class EnsembleProvider:
         self._ensemble: Ensemble | None = None
         self._stamp = -1.0
         self._checked = 0.0
+        self._refusal: str | None = None
         self._lock = threading.Lock()
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the currently promoted set is not the one served (None when it is, or none is promoted)."""
+        return self._refusal
 
     def current(self) -> Ensemble | None:
         with self._lock:
@@ -169,17 +180,31 @@ class EnsembleProvider:
             stamp = self.registry.promoted_stamp()
             if stamp == self._stamp:
                 return self._ensemble
-            name = self.registry.promoted_name()
-            if name is None:
-                self._ensemble, self._stamp = None, stamp
-                return None
+            self._stamp = stamp  # one load attempt (and at most one refusal logged) per pointer change
+            name: str | None = None
             started = time.perf_counter()
-            self._ensemble = load_ensemble(self.registry, name, self.device)
-            self._stamp = stamp
+            try:
+                name = self.registry.promoted_name()
+                if name is None:
+                    self._ensemble, self._refusal = None, None
+                    return None
+                loaded = load_ensemble(self.registry, name, self.device)
+            except Exception as exc:
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+                what = f"promoted set {name!r}" if name is not None else "the promotion pointer"
+                self._refusal = f"{what} does not load: {reason}"
+                log.error(
+                    "ensemble.load_refused",
+                    model_set=name,
+                    reason=reason,
+                    serving=self._ensemble.name if self._ensemble is not None else None,
+                )
+                return self._ensemble
+            self._ensemble, self._refusal = loaded, None
             log.info(
                 "ensemble.loaded",
                 model_set=name,
-                versions=self._ensemble.versions,
+                versions=loaded.versions,
                 device=str(self.device),
                 ms=round((time.perf_counter() - started) * 1000),
             )

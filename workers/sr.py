@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
 
 import cxr_triage
 from cxr_triage.labels import CLASS_LABELS, COVID19, NO_FINDING, PNEUMONIA
@@ -126,12 +128,29 @@ TYPE2_COPIED = (
 )
 
 
+# Copied date and time attributes and how to check a value (an invalid one would make highdicom refuse the object).
+_TEMPORAL = {"StudyDate": DA, "StudyTime": TM, "PatientBirthDate": DA, "SeriesDate": DA, "SeriesTime": TM}
+
+
 def with_type2_defaults(source: Dataset) -> Dataset:
-    """A shallow copy of `source` with absent Type 2 patient/study attributes present and empty."""
+    """A shallow copy of `source` fit to copy from: absent Type 2 patient/study attributes present and empty, a date
+    or time that is not valid for its VR emptied, and a character set pydicom does not know replaced by UTF-8."""
     ds = copy.copy(source)
     for keyword in TYPE2_COPIED:
         if keyword not in ds:
             setattr(ds, keyword, "")
+    for keyword, vr in _TEMPORAL.items():
+        value = ds.get(keyword)
+        if value:
+            try:
+                vr(str(value))
+            except (ValueError, TypeError, OverflowError):
+                setattr(ds, keyword, "")
+    charsets = ds.get("SpecificCharacterSet")
+    if charsets:
+        names = [charsets] if isinstance(charsets, str) else list(charsets)
+        if any(name and name not in python_encoding for name in names):
+            ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
 
 
