@@ -10,6 +10,7 @@ Pointer updates are atomic (temporary file + rename), so a reader never sees hal
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,10 @@ PROMOTED_FILE = "promoted.json"
 
 class RegistryError(Exception):
     """The registry is missing something or holds something inconsistent (the message says what)."""
+
+
+class PromotionRefused(RegistryError):
+    """A promotion whose ensemble failed its check (it does not load); the pointer did not move."""
 
 
 def _now() -> str:
@@ -212,11 +217,21 @@ class Registry:
         name = self.promoted_name()
         return self.ensemble(name) if name else None
 
-    def promote(self, name: str, *, reason: str = "") -> None:
-        """Point `promoted` at ensemble `name` (which must exist); the previous one stays in the history."""
+    def promote(self, name: str, *, reason: str = "", verify: Callable[[EnsembleSpec], object] | None = None) -> None:
+        """Point `promoted` at ensemble `name` (which must exist); the previous one stays in the history.
+
+        `verify(spec)`, when given, runs before the pointer moves (the workers' loader, say): if it raises, the
+        pointer is left as it was and PromotionRefused says why.
+        """
         spec = self.ensemble(name)
         for member in spec.members:
             self.weights(member)
+        if verify is not None:
+            try:
+                verify(spec)
+            except Exception as exc:
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+                raise PromotionRefused(f"ensemble {name!r} does not load, promotion refused: {detail}") from exc
         payload = self._promoted_payload()
         history = list(payload.get("history", []))
         history.append({"ensemble": name, "promoted_at": _now(), "reason": reason})

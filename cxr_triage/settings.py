@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,6 +21,26 @@ class Settings(BaseSettings):
     home: Path = Field(Path("var"), description="Base directory of the embedded defaults (spool, SQLite, broker).")
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file home/cxr-triage.sqlite3.")
     spool_dir: Path | None = Field(None, description="Where received instances are written; empty = home/spool.")
+    min_free_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="The listener refuses new instances (0xA700, senders retry) while the spool's filesystem has "
+        "less free space than this, or than min_free_percent; /readyz and /metrics show it.",
+    )
+    min_free_percent: float = Field(0.0, ge=0, lt=100, description="Free-space watermark as a share of the spool's "
+                                    "filesystem (%); the larger of the two applies.")  # fmt: skip
+    spool_retention_days: float = Field(
+        0.0,
+        ge=0,
+        description="Remove the spool files of finished instances (done, failed, skipped) older than this (days); "
+        "0 = keep them. Unfinished instances are never touched.",
+    )
+    spool_max_bytes: int = Field(
+        0,
+        ge=0,
+        description="Keep the spool under this size by removing the files of the oldest finished instances first; "
+        "0 = no limit.",
+    )
     models_dir: Path = Field(Path("models"), description="Model registry directory (weights + model cards).")
 
     # --- broker --------------------------------------------------------------------------------
@@ -33,18 +53,61 @@ class Settings(BaseSettings):
     port: int = Field(11112, description="DICOM listener port.")
     allowed_calling_aets: CsvList = Field(
         default_factory=list,
-        description="Calling AE titles allowed to associate (comma-separated; empty = any).",
+        description="Calling AE titles allowed to associate, compared exactly (comma-separated; empty = any, "
+        "which a non-loopback bind_address refuses unless allow_any_calling_aet or TLS client certificates).",
     )
-    require_called_aet: bool = Field(False, description="Reject associations whose called AE title is not ours.")
+    allow_any_calling_aet: bool = Field(
+        False,
+        description="Let a listener bound to a non-loopback address accept any calling AE title (no allowlist, no "
+        "TLS client certificates). Only for a network where something else decides who may connect.",
+    )
+    require_called_aet: bool = Field(True, description="Reject associations whose called AE title is not ours.")
+    acse_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for association negotiation (A-ASSOCIATE, A-RELEASE) (s)."
+    )
+    dimse_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a DIMSE message of an association (s).")
+    network_timeout_s: float = Field(
+        30.0, gt=0, description="An association with no data for this long is aborted (s)."
+    )
+    association_deadline_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection must complete its TLS handshake and association request within this (s), however "
+        "slowly it sends: idle and drip-feeding sockets do not hold a slot for longer.",
+    )
     max_associations: int = Field(10, description="Maximum simultaneous associations.")
-    max_pdu: int = Field(0, description="Maximum PDU size we receive (0 = unlimited).")
+    duplicate_policy: Literal["replace", "keep-first", "reject"] = Field(
+        "replace",
+        description="An instance re-sent with the same SOP Instance UID but different content: replace (a corrected "
+        "re-send: the new content is stored and triaged again), keep-first (stored content kept, sender told "
+        "Success) or reject (0xC000 with an Error Comment). Every case is recorded in the instance's history.",
+    )
+    max_pdu: int = Field(
+        1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
+        description="Maximum PDU size we receive (bytes); a peer that sends a larger PDU is cut off.",
+    )
+    max_dataset_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Largest data set one C-STORE may carry, inflated size for Deflated Explicit VR too; larger ones "
+        "are answered 0xA700 with a reason, and a connection sending more than twice this in one message is cut.",
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate: enables DICOM TLS on the listener.")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
     tls_ca: Path | None = Field(None, description="CA bundle; when set, peers must present a client certificate.")
     outbox_interval_s: float = Field(5.0, description="How often the listener's outbox re-sends unqueued work (s).")
     requeue_after_s: float = Field(
         900.0,
-        description="Re-send an instance queued or processing for longer than this (s): a lost message.",
+        description="Re-send an instance queued for longer than this (s) even while the broker's queue holds work.",
+    )
+    heartbeat_s: float = Field(10.0, gt=0, description="How often a worker says it still holds an instance (s).")
+    heartbeat_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An instance whose worker has been silent this long is re-sent and may be taken over; an "
+        "instance queued this long while the broker's queue is empty (messages lost) is re-sent (s).",
     )
 
     # --- intake policy -------------------------------------------------------------------------
@@ -64,6 +127,13 @@ class Settings(BaseSettings):
         5, ge=1, description="Deliveries of an instance that never finished (worker died) before it is failed."
     )
     model_poll_s: float = Field(5.0, description="How often a worker checks the registry for a new promoted set.")
+    max_decoded_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Largest frame a worker decodes, in pixel samples (Rows x Columns x SamplesPerPixel), checked "
+        "on the declared size before decoding; larger instances fail with the size as reason. Only the first frame "
+        "of a multi-frame object is decoded.",
+    )
 
     # --- results back to the PACS ------------------------------------------------------------
     results_dir: Path | None = Field(None, description="Where SR and heatmap objects are kept; empty = home/results.")
@@ -124,9 +194,38 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(43200.0, gt=0, description="Lifetime of a worklist login session (s).")
     session_cookie_secure: bool = Field(False, description="Send the session cookie only over HTTPS.")
     worklist_poll_s: float = Field(3.0, gt=0, description="How often the worklist page asks for new results (s).")
+    login_max_failures: int = Field(
+        5, ge=1, description="Failed logins per username, and per client address, within the window before 429."
+    )
+    login_max_failures_per_address: int = Field(
+        0, ge=0, description="Failed logins per client address within the window; 0 = CXR_LOGIN_MAX_FAILURES."
+    )
+    login_window_s: float = Field(300.0, gt=0, description="Window of the failed-login count (s).")
+    password_scrypt_n: int = Field(
+        2**17, ge=2, le=2**20, description="scrypt cost N (a power of two; r=8, p=1) of new password hashes."
+    )
+    password_min_length: int = Field(12, ge=1, description="Minimum password length for `users create`/`passwd`.")
+    api_max_body_bytes: int = Field(65536, ge=1, description="Largest request body the API accepts (else 413).")
+    metrics_cache_s: float = Field(5.0, ge=0, description="How long /metrics reuses its last database read (s).")
+
+    @field_validator("password_scrypt_n")
+    @classmethod
+    def _check_scrypt_n(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"password_scrypt_n must be a power of two, got {value}")
+        return value
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _split_ae_titles(cls, value: object) -> object:
+        # AE titles are matched exactly as configured (DICOM AE titles are case-sensitive); only spaces are trimmed.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [str(part).strip() for part in value]
+        return value
 
     @field_validator(
-        "allowed_calling_aets",
         "triage_body_parts",
         "triage_view_positions",
         "triage_modalities",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum, nonmember
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -74,6 +74,10 @@ class Instance(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The last sign of life of the worker holding the instance (set by the claim and by its heartbeats).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the retention policy removed the spool file of this finished instance (listener/retention.py).
+    spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="instances")
@@ -98,10 +102,20 @@ class InstanceEvent(Base):
 
 
 class Prediction(Base):
-    """The ensemble's output for one instance and one model set; unique per (instance, model set)."""
+    """The ensemble's output for one instance and one model set; one current (not superseded) per pair."""
 
     __tablename__ = "predictions"
-    __table_args__ = (UniqueConstraint("instance_id", "model_set", name="uq_prediction_instance_model_set"),)
+    # One current prediction per (instance, model set); a corrected re-send supersedes the earlier ones.
+    __table_args__ = (
+        Index(
+            "uq_prediction_current",
+            "instance_id",
+            "model_set",
+            unique=True,
+            sqlite_where=text("superseded_at IS NULL"),
+            postgresql_where=text("superseded_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
@@ -120,6 +134,8 @@ class Prediction(Base):
     # The set's operating point when the label was decided ({"stat_threshold", "routine_threshold"}).
     operating_point: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set when the instance was replaced by different content (listener: CXR_DUPLICATE_POLICY=replace).
+    superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")
 

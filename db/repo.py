@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -112,9 +113,10 @@ def set_status(session: Session, instance: Instance, status: InstanceStatus, rea
 
 
 def mark_queued(session: Session, instance_id: int) -> None:
-    """After the broker accepted the task: received/awaiting -> queued; a re-sent stale one is only touched.
+    """After the broker accepted the task: received/awaiting -> queued; a re-sent queued one is touched.
 
-    Never undoes a terminal state, and never moves `processing` back (a fast worker may already hold it).
+    Never undoes a terminal state, and never moves `processing` back (a fast worker may already hold it); for a
+    `processing` instance keeps its status (its holder's heartbeat decides whether it may be taken over).
     """
     instance = session.get(Instance, instance_id, with_for_update=True)
     if instance is None or instance.status in InstanceStatus.TERMINAL:
@@ -125,21 +127,75 @@ def mark_queued(session: Session, instance_id: int) -> None:
     instance.updated_at = utcnow()
 
 
-def claim(session: Session, instance_id: int, *, max_attempts: int = 5) -> Instance | None:
-    """A worker takes the instance: returns None if it is already finished (a duplicate delivery).
+def _last_sign_of_life() -> Any:
+    """When the holder of a `processing` instance last beat (rows from before heartbeats: their last update)."""
+    return func.coalesce(Instance.heartbeat_at, Instance.updated_at)
 
-    An instance whose processing was started `max_attempts` times without finishing (a worker crashing on it every
-    time) ends `failed` instead of being re-delivered forever.
+
+CLAIMABLE = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.AWAITING_MODEL)
+
+
+def claim(session: Session, instance_id: int, *, silent_before: datetime, max_attempts: int = 5) -> Instance | None:
+    """A worker takes the instance, exclusively: None if it is finished, or held by a worker that is alive.
+
+    One conditional UPDATE decides, so two workers can never both hold an instance, on SQLite (where SELECT ... FOR
+    UPDATE does nothing) as on PostgreSQL. An instance `processing` is taken over only when its holder's heartbeat
+    (`heartbeat`) is older than `silent_before`: its worker died. An instance whose processing was started
+    `max_attempts` times without finishing (a worker crashing on it every time) ends `failed` instead.
     """
-    instance = session.get(Instance, instance_id, with_for_update=True)
-    if instance is None or instance.status in InstanceStatus.TERMINAL:
+    takeable = Instance.status.in_(CLAIMABLE) | (
+        (Instance.status == InstanceStatus.PROCESSING) & (_last_sign_of_life() < silent_before)
+    )
+    now = utcnow()
+    attempts = session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id, takeable, func.coalesce(Instance.attempts, 0) < max_attempts)
+        .values(
+            status=InstanceStatus.PROCESSING,
+            attempts=func.coalesce(Instance.attempts, 0) + 1,
+            heartbeat_at=now,
+            updated_at=now,
+        )
+        .returning(Instance.attempts)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if attempts is None:
+        _give_up_if_exhausted(session, instance_id, takeable, max_attempts)
         return None
-    if (instance.attempts or 0) >= max_attempts:
-        set_status(session, instance, InstanceStatus.FAILED, f"gave up after {instance.attempts} unfinished attempts")
-        return None
-    instance.attempts = (instance.attempts or 0) + 1
-    set_status(session, instance, InstanceStatus.PROCESSING, f"attempt {instance.attempts}")
+    instance = session.get(Instance, instance_id, populate_existing=True)
+    assert instance is not None
+    instance.status_reason = f"attempt {attempts}"
+    session.add(InstanceEvent(instance_id=instance_id, status=InstanceStatus.PROCESSING, reason=f"attempt {attempts}"))
     return instance
+
+
+def _give_up_if_exhausted(session: Session, instance_id: int, takeable: Any, max_attempts: int) -> None:
+    """Fail an instance that would be taken but has used up its attempts (conditionally, like the claim)."""
+    failed = session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id, takeable, func.coalesce(Instance.attempts, 0) >= max_attempts)
+        .values(status=InstanceStatus.FAILED, updated_at=utcnow())
+        .returning(Instance.attempts)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if failed is not None:
+        reason = f"gave up after {failed} unfinished attempts"
+        instance = session.get(Instance, instance_id, populate_existing=True)
+        assert instance is not None
+        instance.status_reason = reason
+        session.add(InstanceEvent(instance_id=instance_id, status=InstanceStatus.FAILED, reason=reason))
+
+
+def heartbeat(session: Session, instance_id: int) -> bool:
+    """The holder of a `processing` instance is alive: refresh heartbeat_at so nobody takes it over. False when the
+    instance is no longer processing (finished, or taken over after this worker went silent)."""
+    result = session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id, Instance.status == InstanceStatus.PROCESSING)
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 @dataclass(frozen=True)
@@ -162,30 +218,65 @@ class PredictionRecord:
 
 def save_prediction(session: Session, instance: Instance, record: PredictionRecord) -> Prediction:
     """Store the prediction (idempotent per instance and model set) and mark the instance done."""
-    existing = session.scalar(
-        select(Prediction).where(Prediction.instance_id == instance.id, Prediction.model_set == record.model_set)
+    current = (
+        Prediction.instance_id == instance.id,
+        Prediction.model_set == record.model_set,
+        Prediction.superseded_at.is_(None),
     )
+    existing = session.scalar(select(Prediction).where(*current))
     if existing is None:
         existing = Prediction(instance_id=instance.id, **asdict(record))
         try:
             with session.begin_nested():
                 session.add(existing)
         except IntegrityError:
-            existing = session.scalars(
-                select(Prediction).where(
-                    Prediction.instance_id == instance.id, Prediction.model_set == record.model_set
-                )
-            ).one()
+            existing = session.scalars(select(Prediction).where(*current)).one()
     set_status(session, instance, InstanceStatus.DONE, f"label {record.label}")
     return existing
 
 
-def dispatchable(session: Session, *, stale_before: datetime, model_available: bool, limit: int = 500) -> list[int]:
-    """Instances the outbox must (re-)send: never queued, queued/processing too long, or awaiting a model."""
+def record_conflict(session: Session, instance: Instance, reason: str) -> None:
+    """Note on the instance's history that different content arrived under its SOP Instance UID (status unchanged)."""
+    session.add(InstanceEvent(instance_id=instance.id, status=instance.status, reason=reason))
+    instance.status_reason = reason[:500]
+
+
+def replace_content(session: Session, instance: Instance, rec: ReceivedInstance, reason: str) -> None:
+    """The instance's file now holds corrected content: take its new description, supersede its predictions and
+    triage it again from the start (status received, attempts reset; the caller dispatches it)."""
+    instance.sha256, instance.size_bytes, instance.path = rec.sha256, rec.size_bytes, rec.path
+    instance.transfer_syntax_uid = rec.transfer_syntax_uid
+    instance.modality, instance.body_part, instance.view_position = rec.modality, rec.body_part, rec.view_position
+    instance.attempts, instance.heartbeat_at = 0, None
+    session.execute(
+        update(Prediction)
+        .where(Prediction.instance_id == instance.id, Prediction.superseded_at.is_(None))
+        .values(superseded_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    set_status(session, instance, rec.status, f"{reason}; {rec.status_reason}" if rec.status_reason else reason)
+
+
+def dispatchable(
+    session: Session,
+    *,
+    stale_before: datetime,
+    model_available: bool,
+    silent_before: datetime | None = None,
+    lost_before: datetime | None = None,
+    limit: int = 500,
+) -> list[int]:
+    """Instances the outbox must (re-)send: never queued; queued since before `stale_before` (or `lost_before`, given
+    when the broker's queue is empty, so their messages were lost); processing by a worker silent since before
+    `silent_before` (default `stale_before`) and not re-sent since; awaiting a model that is now available."""
+    silent = silent_before or stale_before
+    queued_cutoff = max(stale_before, lost_before) if lost_before is not None else stale_before
     conditions = [
         Instance.status == InstanceStatus.RECEIVED,
-        (Instance.status.in_((InstanceStatus.QUEUED, InstanceStatus.PROCESSING)))
-        & (Instance.updated_at < stale_before),
+        (Instance.status == InstanceStatus.QUEUED) & (Instance.updated_at < queued_cutoff),
+        (Instance.status == InstanceStatus.PROCESSING)
+        & (_last_sign_of_life() < silent)
+        & (Instance.queued_at.is_(None) | (Instance.queued_at < silent)),
     ]
     if model_available:
         conditions.append(Instance.status == InstanceStatus.AWAITING_MODEL)
@@ -253,14 +344,18 @@ def mark_result_queued(session: Session, result_id: int) -> None:
         row.updated_at = utcnow()
 
 
-def results_to_send(session: Session, *, stale_before: datetime, limit: int = 500) -> list[int]:
-    """Result objects the outbox must (re-)send: never queued, or queued too long without an outcome."""
+def results_to_send(
+    session: Session, *, stale_before: datetime, lost_before: datetime | None = None, limit: int = 500
+) -> list[int]:
+    """Result objects the outbox must (re-)send: never queued, or queued since before `stale_before` (or
+    `lost_before`, given when the broker's queue is empty: their messages were lost) without an outcome."""
+    cutoff = max(stale_before, lost_before) if lost_before is not None else stale_before
     rows = session.scalars(
         select(ResultObject.id)
         .where(
             or_(
                 ResultObject.status == ResultStatus.PENDING,
-                (ResultObject.status == ResultStatus.QUEUED) & (ResultObject.updated_at < stale_before),
+                (ResultObject.status == ResultStatus.QUEUED) & (ResultObject.updated_at < cutoff),
             )
         )
         .order_by(ResultObject.id)

@@ -42,6 +42,8 @@ def check_broker(settings: Settings) -> Check:
 
 
 def check_spool(settings: Settings) -> Check:
+    from infra.disk import spool_space
+
     spool = settings.effective_spool_dir
     try:
         spool.mkdir(parents=True, exist_ok=True)
@@ -49,9 +51,9 @@ def check_spool(settings: Settings) -> Check:
             fh.write(b"ok")
             fh.flush()
             os.fsync(fh.fileno())
-        stat = os.statvfs(spool)
-        free_gb = stat.f_bavail * stat.f_frsize / 1e9
-        return Check("spool", free_gb > 1.0, f"{spool} writable, {free_gb:.1f} GB free")
+        space = spool_space(settings)
+        detail = f"{spool} writable, {space.free_bytes / 1e9:.1f} GB free (watermark {space.watermark_bytes / 1e9:.1f})"
+        return Check("spool", not space.below_watermark, detail)
     except OSError as exc:
         return Check("spool", False, f"{spool}: {exc}")
 

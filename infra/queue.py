@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
@@ -20,6 +21,17 @@ SEND_RESULT_TASK = "cxr_triage.send_result"
 QUEUE_GPU = "gpu"
 QUEUE_CPU = "cpu"
 QUEUE_TRAINING = "training"
+
+
+QUEUES = (QUEUE_GPU, QUEUE_CPU, QUEUE_TRAINING)
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def _route(name: str) -> dict[str, str]:
+    return {"queue": name, "exchange": name, "routing_key": name}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -45,12 +57,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2.0,
-        "task_queues": (Queue(QUEUE_GPU), Queue(QUEUE_CPU), Queue(QUEUE_TRAINING)),
+        # Each queue on its own direct exchange and routing key, so that the broker's bindings say where a message
+        # goes (with bare Queue(name), Celery binds every queue to the default exchange and key "cpu").
+        "task_queues": tuple(_queue(name) for name in QUEUES),
         "task_default_queue": QUEUE_CPU,
+        "task_default_exchange": QUEUE_CPU,
+        "task_default_routing_key": QUEUE_CPU,
         "task_routes": {
-            TRIAGE_TASK: {"queue": QUEUE_GPU},
-            SEND_RESULT_TASK: {"queue": QUEUE_CPU},
-            RETRAIN_TASK: {"queue": QUEUE_TRAINING},
+            TRIAGE_TASK: _route(QUEUE_GPU),
+            SEND_RESULT_TASK: _route(QUEUE_CPU),
+            RETRAIN_TASK: _route(QUEUE_TRAINING),
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -122,3 +138,41 @@ def hand_over_result(settings: Settings, result_id: int) -> bool:
     with session_scope(settings.effective_database_url) as session:
         repo.mark_result_queued(session, result_id)
     return True
+
+
+def queue_depth(settings: Settings, queue: str = QUEUE_GPU) -> int | None:
+    """Messages waiting in `queue` on the broker (not those a worker holds), or None when the broker cannot say."""
+    try:
+        with producer(settings).connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            try:
+                _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
+            except ChannelError as exc:
+                if "NOT_FOUND" in str(exc):  # never declared, or the broker restarted empty: it holds nothing
+                    return 0
+                raise
+            return int(count)
+    except Exception as exc:  # broker down or no such queue yet: unknown, not empty
+        log.info("queue.depth_unknown", queue=queue, error=f"{type(exc).__name__}: {exc}"[:200])
+        return None
+
+
+def remove_legacy_bindings(settings: Settings) -> int:
+    """Unbind queues gpu and training from exchange "cpu", where releases before per-queue exchanges bound them.
+
+    A Redis broker keeps bindings across restarts (sets `_kombu.binding.<exchange>`), and kombu's unbind does not
+    remove them there; left in place, a message routed to "cpu" would also land in gpu and training. Run by each
+    worker at start; returns how many bindings it removed (other brokers: 0).
+    """
+    if not settings.effective_broker_url.startswith(("redis", "rediss")):
+        return 0
+    removed = 0
+    with producer(settings).connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        for name in (QUEUE_GPU, QUEUE_TRAINING):
+            member = channel.sep.join([QUEUE_CPU, "", name])
+            removed += int(channel.client.srem(channel.keyprefix_queue % QUEUE_CPU, member))
+            channel.client.srem(channel.keyprefix_binding_permanent % QUEUE_CPU, member)
+    if removed:
+        log.info("queue.legacy_bindings_removed", count=removed)
+    return removed

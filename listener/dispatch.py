@@ -13,7 +13,8 @@ from cxr_triage.settings import Settings
 from db import repo
 from db.models import Instance
 from db.session import session_scope
-from infra.queue import hand_over_result, send_triage
+from infra.queue import QUEUE_CPU, hand_over_result, queue_depth, send_triage
+from listener.retention import prune_spool
 
 log = get_logger(__name__)
 
@@ -49,10 +50,16 @@ class Dispatcher:
     def flush_outbox(self) -> int:
         """One pass of the outbox: (re-)send what is due. Returns how many were sent."""
         registry = Registry(self.settings.models_dir)
+        # With the broker's queue empty, anything still `queued` after the heartbeat timeout lost its message (say, a
+        # Redis restarted empty): re-send it now, not after requeue_after_s. A needless re-send is a duplicate task,
+        # which the claim turns away.
+        lost_before = repo.stale_cutoff(self.settings.heartbeat_timeout_s) if queue_depth(self.settings) == 0 else None
         with session_scope(self.settings.effective_database_url) as session:
             ids = repo.dispatchable(
                 session,
                 stale_before=repo.stale_cutoff(self.settings.requeue_after_s),
+                silent_before=repo.stale_cutoff(self.settings.heartbeat_timeout_s),
+                lost_before=lost_before,
                 model_available=registry.promoted_name() is not None,
             )
             rows = session.execute(select(Instance.id, Instance.sop_instance_uid).where(Instance.id.in_(ids)))
@@ -71,8 +78,12 @@ class Dispatcher:
 
     def _flush_results(self) -> int:
         """Result objects (SR, heatmap) whose delivery task never reached the broker, or went missing."""
+        empty = queue_depth(self.settings, QUEUE_CPU) == 0  # as for instances: queued results lost their messages
+        lost_before = repo.stale_cutoff(self.settings.heartbeat_timeout_s) if empty else None
         with session_scope(self.settings.effective_database_url) as session:
-            due = repo.results_to_send(session, stale_before=repo.stale_cutoff(self.settings.requeue_after_s))
+            due = repo.results_to_send(
+                session, stale_before=repo.stale_cutoff(self.settings.requeue_after_s), lost_before=lost_before
+            )
         sent = 0
         for result_id in due:
             if not hand_over_result(self.settings, result_id):
@@ -82,20 +93,29 @@ class Dispatcher:
 
 
 class Outbox(threading.Thread):
-    """Background loop in the listener: every `interval_s`, flush the outbox. Never dies on an error."""
+    """Background loop in the listener: every `interval_s`, flush the outbox; every `retention_s`, apply the spool's
+    retention policy (listener/retention.py). Never dies on an error."""
 
-    def __init__(self, dispatcher: Dispatcher, interval_s: float) -> None:
+    def __init__(self, dispatcher: Dispatcher, interval_s: float, *, retention_s: float = 3600.0) -> None:
         super().__init__(name="outbox", daemon=True)
         self.dispatcher = dispatcher
         self.interval_s = interval_s
+        self.retention_s = retention_s
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        next_prune = time.monotonic()
         while not self.stopped.wait(self.interval_s):
             try:
                 self.dispatcher.flush_outbox()
             except Exception as exc:
                 log.warning("outbox.error", error=f"{type(exc).__name__}: {exc}")
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.retention_s
+                try:
+                    prune_spool(self.dispatcher.settings)
+                except Exception as exc:
+                    log.warning("spool.prune_error", error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self.stopped.set()

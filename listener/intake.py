@@ -65,6 +65,12 @@ def _upper_word(ds: Dataset, keyword: str) -> str:
     return str(value).strip().upper() if value is not None else ""
 
 
+def _shown(value: str) -> str:
+    """A header value as quoted in a skip reason: control and other unprintable characters (a sender's garbage, an
+    ESC sequence for whoever prints the reason in a terminal) become "?", and at most 64 characters are kept."""
+    return "".join(ch if ch.isprintable() else "?" for ch in value[:64])
+
+
 def _region_codes(ds: Dataset) -> list[tuple[str, str]]:
     seq = ds.get("AnatomicRegionSequence") or []
     return [(str(item.get("CodeValue", "")), str(item.get("CodeMeaning", ""))) for item in seq]
@@ -74,16 +80,16 @@ def decide(ds: Dataset, settings: Settings) -> IntakeDecision:
     """Triage frontal chest radiographs; anything else gets a reason (stored, never triaged)."""
     modality = _upper_word(ds, "Modality")
     if settings.triage_modalities and modality not in settings.triage_modalities:
-        return IntakeDecision(False, f"modality {modality or 'absent'}")
+        return IntakeDecision(False, f"modality {_shown(modality) or 'absent'}")
     body_part = _upper_word(ds, "BodyPartExamined")
     regions = _region_codes(ds)
     if body_part:
         if settings.triage_body_parts and body_part not in settings.triage_body_parts:
-            return IntakeDecision(False, f"body part {body_part}")
+            return IntakeDecision(False, f"body part {_shown(body_part)}")
     elif regions:
         if not any(code in CHEST_REGION_CODES for code, _ in regions):
             meaning = regions[0][1] or regions[0][0]
-            return IntakeDecision(False, f"anatomic region {meaning.upper()}")
+            return IntakeDecision(False, f"anatomic region {_shown(meaning.upper())}")
     else:
         words = set(re.findall(r"[A-Z]+", " ".join(_upper_word(ds, k) for k in DESCRIPTION_KEYWORDS)))
         non_chest = [w for w in NON_CHEST_WORDS if w in words]
@@ -95,5 +101,5 @@ def decide(ds: Dataset, settings: Settings) -> IntakeDecision:
     if view and settings.triage_view_positions and view not in settings.triage_view_positions:
         if view in ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD"):
             return IntakeDecision(False, f"lateral view ({view})")
-        return IntakeDecision(False, f"view position {view}")
+        return IntakeDecision(False, f"view position {_shown(view)}")
     return IntakeDecision(True)

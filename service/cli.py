@@ -28,6 +28,8 @@ sr_app = typer.Typer(help="Structured Reports we wrote.")
 app.add_typer(sr_app, name="sr")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+spool_app = typer.Typer(help="The spool of received instances.")
+app.add_typer(spool_app, name="spool")
 app.add_typer(users_app, name="users")
 app.command("api")(serve_api)
 console = Console()
@@ -54,10 +56,15 @@ def db_upgrade() -> None:
 def listener() -> None:
     """Run the DICOM listener (C-ECHO, C-STORE) with its outbox."""
     from db.migrate import upgrade
-    from listener.server import run
+    from listener.server import ListenerConfigError, check_exposure, run
 
     _setup("listener")
     settings = get_settings()
+    try:
+        check_exposure(settings)
+    except ListenerConfigError as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from exc
     upgrade(settings.effective_database_url)
     run(settings)
 
@@ -94,9 +101,15 @@ def run() -> None:
     A part that exits is restarted (with a pause), so a crash never leaves the service half up.
     """
     from db.migrate import upgrade
+    from listener.server import ListenerConfigError, check_exposure
 
     _setup("supervisor")
     settings = get_settings()
+    try:
+        check_exposure(settings)  # before any part starts: a refused listener would be restarted forever
+    except ListenerConfigError as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from exc
     upgrade(settings.effective_database_url)
     registry = Registry(settings.models_dir)
     promoted = registry.promoted_name()
@@ -177,6 +190,16 @@ def outbox_flush() -> None:
     console.print(f"sent {sent}")
 
 
+@spool_app.command("prune")
+def spool_prune() -> None:
+    """Apply the retention policy now (CXR_SPOOL_RETENTION_DAYS, CXR_SPOOL_MAX_BYTES); the listener does so hourly."""
+    from listener.retention import prune_spool
+
+    _setup("spool")
+    pruned = prune_spool(get_settings())
+    console.print(f"removed {pruned.files} spool file(s), {pruned.bytes / 1e6:.1f} MB")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Model versions and ensembles; the promoted one is marked."""
@@ -223,9 +246,26 @@ def models_show(version: str) -> None:
 
 @models_app.command("promote")
 def models_promote(ensemble: str, reason: str = typer.Option("promoted by hand", help="Why.")) -> None:
-    """Point the service at ensemble ENSEMBLE; running workers switch between tasks, no restart."""
+    """Point the service at ensemble ENSEMBLE; running workers switch between tasks, no restart.
+
+    The set is loaded first (on CPU, by the workers' loader): one that does not load is refused with exit status 1
+    and the pointer stays where it was.
+    """
+    import torch
+
+    from cxr_triage.registry import EnsembleSpec, PromotionRefused
+    from workers.ensemble import load_ensemble
+
+    registry = Registry(get_settings().models_dir)
+
+    def loads(spec: EnsembleSpec) -> None:
+        load_ensemble(registry, spec.name, torch.device("cpu"))
+
     try:
-        Registry(get_settings().models_dir).promote(ensemble, reason=reason)
+        registry.promote(ensemble, reason=reason, verify=loads)
+    except PromotionRefused as exc:
+        typer.echo(str(exc), err=True)  # one line, unwrapped
+        raise typer.Exit(1) from exc
     except RegistryError as exc:
         raise typer.BadParameter(str(exc)) from exc
     console.print(f"promoted {ensemble}")

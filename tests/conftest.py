@@ -121,6 +121,15 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test on the embedded SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.sqlite3'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A Redis logical database on the real server, flushed before and after."""
@@ -230,6 +239,9 @@ def service_factory(tmp_path: Path) -> Iterator[Callable[..., Service]]:
                 "CXR_AE_TITLE": "CXRTRIAGE",
                 "CXR_OUTBOX_INTERVAL_S": "1",
                 "CXR_MODEL_POLL_S": "0.5",
+                # A worker killed mid-task is taken over after 10 s of silence, not the production 60 s.
+                "CXR_HEARTBEAT_S": "2",
+                "CXR_HEARTBEAT_TIMEOUT_S": "10",
                 "PYTHONPATH": str(ROOT),
             }
         )

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from cxr_triage.logs import configure_logging
 from cxr_triage.settings import get_settings
-from infra.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config
+from infra.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config, remove_legacy_bindings
 
 app = Celery("cxr_triage", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
@@ -31,6 +31,11 @@ if get_settings().retrain_schedule:
 def _setup_logging(**_: Any) -> None:
     settings = get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format, component="worker")
+
+
+@worker_init.connect
+def _init_worker(**_: Any) -> None:
+    remove_legacy_bindings(get_settings())
 
 
 @worker_process_init.connect

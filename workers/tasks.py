@@ -6,7 +6,6 @@ from typing import Any
 
 import structlog
 from celery import Task
-from sqlalchemy.exc import OperationalError
 
 from cxr_triage.registry import Registry
 from cxr_triage.settings import get_settings
@@ -14,7 +13,7 @@ from infra.queue import RETRAIN_TASK, SEND_RESULT_TASK, TRIAGE_TASK
 from workers.celery_app import app
 from workers.delivery import Delivery, deliver
 from workers.ensemble import EnsembleProvider
-from workers.triage import triage_instance
+from workers.triage import TRANSIENT_ERRORS, triage_instance
 
 _provider: EnsembleProvider | None = None
 
@@ -33,7 +32,7 @@ def provider() -> EnsembleProvider:
 @app.task(
     bind=True,
     name=TRIAGE_TASK,
-    autoretry_for=(OperationalError, ConnectionError, TimeoutError),
+    autoretry_for=TRANSIENT_ERRORS,  # the database or broker away; any other error ends the instance `failed`
     retry_backoff=2,
     retry_backoff_max=300,
     retry_jitter=True,

@@ -1,0 +1,171 @@
+"""Issue 10, failing parts: exclusive claims on both databases, heartbeats instead of blind re-sends, lost messages
+found within a minute, and queues that the broker's bindings route correctly (real Redis, SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from cxr_triage.settings import Settings
+from db import repo
+from db.migrate import upgrade
+from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
+from db.session import session_scope
+from infra.queue import QUEUES, producer, queue_depth, remove_legacy_bindings, send_triage
+from tests.conftest import DICOM_DIR
+
+SOURCE = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
+
+
+def _received(n: int, status: InstanceStatus = InstanceStatus.QUEUED) -> repo.ReceivedInstance:
+    return repo.ReceivedInstance(
+        sop_instance_uid=f"1.2.826.0.1.77.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_instance_uid="1.2.826.0.1.77",
+        series_instance_uid="1.2.826.0.1.77.0",
+        transfer_syntax_uid="1.2.840.10008.1.2.4.50",
+        calling_aet="MODALITY",
+        modality="CR",
+        body_part="CHEST",
+        view_position="PA",
+        path=str(SOURCE),
+        size_bytes=SOURCE.stat().st_size,
+        sha256="0" * 64,
+        status=status,
+        status_reason=None,
+    )
+
+
+def _add(url: str, count: int, status: InstanceStatus = InstanceStatus.QUEUED) -> list[int]:
+    ids = []
+    with session_scope(url) as session:
+        for n in range(count):
+            instance, _ = repo.record_received(session, _received(n, status))
+            ids.append(instance.id)
+    return ids
+
+
+def _claim_all(url: str, ids: list[int], start: multiprocessing.synchronize.Event) -> list[int]:  # runs in a process
+    start.wait()
+    claimed = []
+    for instance_id in ids:
+        with session_scope(url) as session:
+            if repo.claim(session, instance_id, silent_before=repo.stale_cutoff(60)) is not None:
+                claimed.append(instance_id)
+    return claimed
+
+
+def test_two_processes_never_claim_the_same_instance(db_url: str) -> None:
+    upgrade(db_url)
+    ids = _add(db_url, 150)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(2) as pool:
+        start = manager.Event()
+        runs = [pool.apply_async(_claim_all, (db_url, ids, start)) for _ in range(2)]
+        start.set()
+        first, second = (run.get(timeout=300) for run in runs)
+    assert sorted(first + second) == ids, "an instance was claimed twice (or not at all)"
+    with session_scope(db_url) as session:
+        processing = session.scalars(select(InstanceEvent).where(InstanceEvent.status == "processing")).all()
+        assert len(processing) == len(ids)
+        assert set(session.scalars(select(Instance.attempts))) == {1}
+
+
+def test_a_savepoint_does_not_commit_what_the_transaction_rolls_back(db_url: str) -> None:
+    upgrade(db_url)
+    (instance_id,) = _add(db_url, 1)
+    record = repo.PredictionRecord("set", ["m"], "Pneumonia", {"Pneumonia": 1.0}, {}, None, 1.0, 1.0, True)
+    try:
+        with session_scope(db_url) as session:
+            instance = session.get(Instance, instance_id)
+            assert instance is not None
+            repo.save_prediction(session, instance, record)  # a savepoint inside
+            raise RuntimeError("storing the rest failed")
+    except RuntimeError:
+        pass
+    with session_scope(db_url) as session:  # on SQLite the savepoint used to commit on its own
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 0
+
+
+def test_a_live_holder_keeps_its_instance_and_a_silent_one_loses_it(db_url: str) -> None:
+    upgrade(db_url)
+    (instance_id,) = _add(db_url, 1)
+    with session_scope(db_url) as session:
+        assert repo.claim(session, instance_id, silent_before=repo.stale_cutoff(60)) is not None
+    with session_scope(db_url) as session:  # a second delivery while the first worker works (and beats)
+        assert repo.heartbeat(session, instance_id)
+        assert repo.claim(session, instance_id, silent_before=repo.stale_cutoff(60)) is None
+        assert instance_id not in repo.dispatchable(
+            session,
+            stale_before=repo.stale_cutoff(900),
+            silent_before=repo.stale_cutoff(60),
+            model_available=True,
+        )
+    later = repo.stale_cutoff(0) + timedelta(seconds=5)  # as if 60 s passed without a heartbeat
+    with session_scope(db_url) as session:
+        assert repo.dispatchable(
+            session, stale_before=repo.stale_cutoff(900), silent_before=later, model_available=True
+        ) == [instance_id]
+        repo.mark_queued(session, instance_id)  # the outbox re-sent it: not again before the next timeout
+    with session_scope(db_url) as session:
+        assert (
+            repo.dispatchable(
+                session, stale_before=repo.stale_cutoff(900), silent_before=repo.stale_cutoff(60), model_available=True
+            )
+            == []
+        )
+        taken = repo.claim(session, instance_id, silent_before=later)
+        assert taken is not None and taken.attempts == 2
+    with session_scope(db_url) as session:
+        row = session.get(Instance, instance_id)
+        assert row is not None and row.status == InstanceStatus.PROCESSING
+
+
+def test_queued_work_whose_messages_were_lost_is_due_after_the_heartbeat_timeout(db_url: str) -> None:
+    upgrade(db_url)
+    ids = _add(db_url, 3)
+    with session_scope(db_url) as session:
+        for instance_id in ids:
+            repo.mark_queued(session, instance_id)
+    soon = repo.stale_cutoff(0) + timedelta(seconds=5)
+    with session_scope(db_url) as session:
+        # The broker's queue still holds work: only requeue_after_s (900 s) makes them due.
+        assert repo.dispatchable(session, stale_before=repo.stale_cutoff(900), model_available=True) == []
+        # The broker's queue is empty (say, Redis restarted empty): due after the heartbeat timeout.
+        assert (
+            repo.dispatchable(session, stale_before=repo.stale_cutoff(900), lost_before=soon, model_available=True)
+            == ids
+        )
+
+
+def test_the_outbox_sees_an_empty_redis_queue(redis_url: str, tmp_path: Path) -> None:
+    settings = Settings(broker_url=redis_url, home=tmp_path)
+    assert queue_depth(settings) == 0  # never declared: empty, not unknown
+    send_triage(settings, 1, sop_instance_uid="1.2.3")
+    assert queue_depth(settings) == 1
+    assert queue_depth(Settings(broker_url="redis://127.0.0.1:1/0", home=tmp_path)) is None  # unreachable: unknown
+
+
+def test_each_queue_is_bound_to_its_own_exchange_and_routing_key(redis_url: str, tmp_path: Path) -> None:
+    from kombu.entity import Exchange, Queue
+
+    settings = Settings(broker_url=redis_url, home=tmp_path)
+    app = producer(settings)
+    for name in QUEUES:
+        queue = app.amqp.queues[name]
+        assert (queue.exchange.name, queue.routing_key) == (name, name)
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        legacy = Exchange("cpu", type="direct")
+        for name in ("gpu", "training"):  # what an older release left in Redis
+            Queue(name, legacy, routing_key="cpu").bind(channel).declare()
+        assert remove_legacy_bindings(settings) == 2
+        for queue in app.amqp.queues.values():
+            queue.bind(channel).declare()
+        publish = conn.Producer(channel)
+        for name in QUEUES:  # routed by exchange and key, as any AMQP-style client would
+            publish.publish({"to": name}, exchange=Exchange(name, type="direct"), routing_key=name)
+    assert {name: queue_depth(settings, name) for name in QUEUES} == {name: 1 for name in QUEUES}
