@@ -122,6 +122,11 @@ class Settings(BaseSettings):
 
     # --- workers -------------------------------------------------------------------------------
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
+    inference_backend: Literal["eager", "channels-last", "onnx"] = Field(
+        "eager",
+        description="How the members run: eager PyTorch, PyTorch in the channels-last layout, or ONNX Runtime "
+        "(CPU; exported once per weights file into home/onnx-cache). bench/inference compares them.",
+    )
     task_max_retries: int = Field(5, description="Retries of a transient task error before the instance fails.")
     task_max_attempts: int = Field(
         5, ge=1, description="Deliveries of an instance that never finished (worker died) before it is failed."

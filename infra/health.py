@@ -72,7 +72,7 @@ def check_listener(settings: Settings) -> Check:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title="CXRHEALTH")
+    ae = AE(ae_title="ECHOSCU")  # the probe AE title that deployments allow (deploy/README.md)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
     host = "127.0.0.1" if settings.bind_address in ("0.0.0.0", "") else settings.bind_address
@@ -87,8 +87,50 @@ def check_listener(settings: Settings) -> Check:
     return Check("listener", ok, f"C-ECHO {settings.ae_title}@{host}:{settings.port}")
 
 
+def queue_consumers(settings: Settings, timeout_s: float = 1.5) -> dict[str, int] | None:
+    """How many running workers consume each queue (Celery remote control), or None where the broker cannot tell
+    (the filesystem broker has no broadcast)."""
+    from infra.queue import producer
+
+    if not settings.effective_broker_url.startswith(("redis", "rediss", "amqp")):
+        return None
+    try:
+        replies = producer(settings).control.inspect(timeout=timeout_s).active_queues() or {}
+    except Exception:
+        return None
+    consumers: dict[str, int] = {}
+    for queues in replies.values():
+        for queue in queues or []:
+            consumers[queue["name"]] = consumers.get(queue["name"], 0) + 1
+    return consumers
+
+
+def check_queues(settings: Settings) -> Check:
+    """Each queue's waiting messages and consumers; fails when a queue holds work that no running worker consumes
+    (a deployment that forgot the `cpu` worker never delivers a result)."""
+    from infra.queue import QUEUES, queue_depth
+
+    depths = {queue: queue_depth(settings, queue) for queue in QUEUES}
+    consumers = queue_consumers(settings)
+    starving = [q for q, n in depths.items() if n and consumers is not None and not consumers.get(q)]
+    parts = []
+    for queue, n in depths.items():
+        held = "?" if consumers is None else str(consumers.get(queue, 0))
+        parts.append(f"{queue}: {'?' if n is None else n} waiting, {held} consumer(s)")
+    detail = "; ".join(parts)
+    if starving:
+        detail = f"no worker consumes {', '.join(starving)}, which holds work; {detail}"
+    return Check("queues", not starving, detail)
+
+
 def run_checks(settings: Settings, *, listener: bool = True) -> list[Check]:
-    checks = [check_database(settings), check_broker(settings), check_spool(settings), check_model(settings)]
+    checks = [
+        check_database(settings),
+        check_broker(settings),
+        check_queues(settings),
+        check_spool(settings),
+        check_model(settings),
+    ]
     if listener:
         checks.append(check_listener(settings))
     return checks

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from cxr_triage.logs import get_logger
 from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import PREPROCESSING_VERSION
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
+from workers.backends import Backend, EagerRunner, Runner, make_runner, weights_key
 
 log = get_logger(__name__)
 
@@ -30,7 +33,8 @@ def pick_device(requested: str) -> torch.device:
 @dataclass
 class Member:
     card: ModelCard
-    model: nn.Module
+    model: nn.Module  # PyTorch, always (Grad-CAM needs gradients)
+    runner: Runner | None = None  # how predictions run (workers/backends.py); None = eager PyTorch
 
 
 @dataclass(frozen=True)
@@ -95,13 +99,11 @@ class Ensemble:
             n = batch.shape[0]
             if "hflip" in self.spec.tta:
                 batch = torch.cat([batch, batch.flip(-1)])  # image and mirror image in one forward pass
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                if member.card.version == self.ood_member and self.detector is not None:
-                    pooled = model.forward_head(model.forward_features(batch), pre_logits=True)
-                    logits = model.get_classifier()(pooled)
-                    scores = self.detector.score(pooled[:n].float().cpu())  # the image as sent, not its mirror
-                else:
-                    logits = model(batch)
+            wants_features = member.card.version == self.ood_member and self.detector is not None
+            runner = member.runner or EagerRunner(model, self.device, features=wants_features)
+            logits, pooled = runner(batch)
+            if wants_features and pooled is not None and self.detector is not None:
+                scores = self.detector.score(pooled[:n].float().cpu())  # the image as sent, not its mirror
             member_probs = torch.softmax(logits.float(), dim=1)
             if "hflip" in self.spec.tta:
                 member_probs = (member_probs[:n] + member_probs[n:]) / 2
@@ -131,8 +133,17 @@ class Ensemble:
         return outputs
 
 
-def load_ensemble(registry: Registry, name: str, device: torch.device) -> Ensemble:
+def load_ensemble(
+    registry: Registry,
+    name: str,
+    device: torch.device,
+    *,
+    backend: Backend = "eager",
+    cache_dir: Path | None = None,
+) -> Ensemble:
+    """The named set, each member with a runner of `backend` (ONNX exports are cached in `cache_dir`)."""
     spec = registry.ensemble(name)
+    ood_member = spec.ood.get("member") if spec.ood else None
     members = []
     for version in spec.members:
         card = registry.card(version)
@@ -141,8 +152,18 @@ def load_ensemble(registry: Registry, name: str, device: torch.device) -> Ensemb
                 f"model {version} expects preprocessing {card.preprocessing_version}, "
                 f"this code implements {PREPROCESSING_VERSION}"
             )
-        model = load_member(card, registry.weights(version)).to(device)
-        members.append(Member(card, model))
+        weights = registry.weights(version)
+        model = load_member(card, weights).to(device)
+        runner = make_runner(
+            backend,
+            model,
+            device,
+            features=version == ood_member,
+            key=weights_key(version, weights),
+            input_size=card.input_size,
+            cache_dir=cache_dir or Path(tempfile.gettempdir()) / "cxr-triage-onnx",
+        )
+        members.append(Member(card, model, runner))
     ood_file = registry.ood_file(spec)
     detector = MahalanobisDetector.load(ood_file) if ood_file is not None else None
     return Ensemble(name, members, device, spec=spec, detector=detector)
@@ -156,10 +177,20 @@ class EnsembleProvider:
     change and keeps the reason in `refusal`; it tries again when the pointer changes (re-promote after a fix).
     """
 
-    def __init__(self, registry: Registry, *, device: str = "auto", poll_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        device: str = "auto",
+        poll_s: float = 5.0,
+        backend: Backend = "eager",
+        cache_dir: Path | None = None,
+    ) -> None:
         self.registry = registry
         self.device = pick_device(device)
         self.poll_s = poll_s
+        self.backend: Backend = backend
+        self.cache_dir = cache_dir
         self._ensemble: Ensemble | None = None
         self._stamp = -1.0
         self._checked = 0.0
@@ -188,7 +219,7 @@ class EnsembleProvider:
                 if name is None:
                     self._ensemble, self._refusal = None, None
                     return None
-                loaded = load_ensemble(self.registry, name, self.device)
+                loaded = load_ensemble(self.registry, name, self.device, backend=self.backend, cache_dir=self.cache_dir)
             except Exception as exc:
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
                 what = f"promoted set {name!r}" if name is not None else "the promotion pointer"

@@ -24,7 +24,11 @@ def provider() -> EnsembleProvider:
     if _provider is None:
         settings = get_settings()
         _provider = EnsembleProvider(
-            Registry(settings.models_dir), device=settings.device, poll_s=settings.model_poll_s
+            Registry(settings.models_dir),
+            device=settings.device,
+            poll_s=settings.model_poll_s,
+            backend=settings.inference_backend,
+            cache_dir=settings.home / "onnx-cache",
         )
     return _provider
 

@@ -1,0 +1,125 @@
+"""How a member network runs: eager PyTorch (as loaded, or in the channels-last layout) or ONNX Runtime (CPU).
+
+Both give the logits and, for the member the OOD detector reads, its pooled features; `tests/test_inference_backends.py`
+checks they agree within a tolerance. Grad-CAM always uses the PyTorch model (it needs gradients). Choose with
+`CXR_INFERENCE_BACKEND`; `python -m bench.inference` compares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from cxr_triage.logs import get_logger
+
+log = get_logger(__name__)
+
+Backend = Literal["eager", "channels-last", "onnx"]
+ONNX_OPSET = 17
+
+
+class Runner(Protocol):
+    """(N, 3, S, S) float batch -> (logits (N, C), pooled features (N, F) when asked for, else None)."""
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+class FeaturesAndLogits(nn.Module):
+    """A timm model as one graph with two outputs: the logits and the pooled features before the classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model: Any = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(pooled), pooled
+
+
+class EagerRunner:
+    """PyTorch; with `channels_last` the model and its input use that layout (oneDNN's faster convolutions on CPU)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, *, features: bool, channels_last: bool = False) -> None:
+        self.device = device
+        self.channels_last = channels_last
+        self.model: Any = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.features = features
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            if self.features:
+                pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                return self.model.get_classifier()(pooled), pooled
+            return self.model(x), None
+
+
+class OnnxRunner:
+    """An ONNX Runtime session of the member (CPU), exported once per weights file and kept in `cache_dir`."""
+
+    def __init__(self, model: nn.Module, *, key: str, input_size: int, cache_dir: Path, features: bool) -> None:
+        import onnxruntime as ort
+
+        self.features = features
+        path = cache_dir / f"{key}-opset{ONNX_OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
+        if not path.is_file():
+            export_onnx(model, input_size, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, pooled = self.session.run(None, {"x": batch.cpu().numpy()})
+        return torch.from_numpy(logits), torch.from_numpy(pooled) if self.features else None
+
+
+def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
+    """Trace the member (its input adaptation included) to ONNX with a dynamic batch size; atomic write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    wrapper = FeaturesAndLogits(model).eval()
+    example = torch.zeros(1, 3, input_size, input_size)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(tmp),
+            input_names=["x"],
+            output_names=["logits", "pooled"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}, "pooled": {0: "n"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    os.replace(tmp, path)
+    log.info("backend.onnx_exported", path=str(path))
+
+
+def weights_key(version: str, weights: Path) -> str:
+    """A cache key that changes when the weights file does."""
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return f"{version}-{digest}"
+
+
+def make_runner(
+    backend: Backend,
+    model: nn.Module,
+    device: torch.device,
+    *,
+    features: bool,
+    key: str,
+    input_size: int,
+    cache_dir: Path,
+) -> Runner:
+    if backend in ("eager", "channels-last"):
+        return EagerRunner(model, device, features=features, channels_last=backend == "channels-last")
+    if backend == "onnx":
+        if device.type != "cpu":
+            raise ValueError("the onnx backend runs on the CPU; use eager on CUDA")
+        return OnnxRunner(model, key=key, input_size=input_size, cache_dir=cache_dir, features=features)
+    raise ValueError(f"unknown inference backend {backend!r}; known: eager, channels-last, onnx")
