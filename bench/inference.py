@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch-sizes", default="1,8,16")
-    parser.add_argument("--backends", default="eager,channels-last,onnx")
+    parser.add_argument("--backends", default="eager,channels-last,onnx,openvino")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -76,7 +76,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     inputs: dict[int, torch.Tensor] | None = None
     for backend in args.backends.split(","):
-        if backend == "onnx" and device.type != "cpu":
+        if backend in ("onnx", "openvino") and device.type != "cpu":
             continue
         ensemble = load_ensemble(registry, name, device, backend=backend, cache_dir=cache)  # type: ignore[arg-type]
         inputs = inputs or images(ensemble.input_sizes, args.images)

@@ -77,7 +77,7 @@ def adapt_input(model: nn.Module, normalisation: str, *, border_mask: float = 0.
         if normalisation != "imagenet":
             x = x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
         if border_mask > 0.0:
-            h, w = x.shape[-2:]
+            h, w = int(x.shape[-2]), int(x.shape[-1])  # plain ints, also while tracing to ONNX (fixed size)
             dh, dw = round(border_mask * h), round(border_mask * w)
             keep = torch.zeros((h, w), dtype=x.dtype, device=x.device)
             keep[dh : h - dh, dw : w - dw] = 1

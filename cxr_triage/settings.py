@@ -122,10 +122,11 @@ class Settings(BaseSettings):
 
     # --- workers -------------------------------------------------------------------------------
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
-    inference_backend: Literal["eager", "channels-last", "onnx"] = Field(
+    inference_backend: Literal["eager", "channels-last", "onnx", "openvino"] = Field(
         "eager",
-        description="How the members run: eager PyTorch, PyTorch in the channels-last layout, or ONNX Runtime "
-        "(CPU; exported once per weights file into home/onnx-cache). bench/inference compares them.",
+        description="How the members run: eager PyTorch, PyTorch in the channels-last layout, or their ONNX export "
+        "(exported once per weights file into home/onnx-cache) run by ONNX Runtime or OpenVINO at fp32 (CPU). "
+        "bench/inference compares them.",
     )
     task_max_retries: int = Field(5, description="Retries of a transient task error before the instance fails.")
     task_max_attempts: int = Field(

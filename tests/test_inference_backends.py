@@ -21,7 +21,7 @@ def _batch(size: int) -> torch.Tensor:
     return torch.stack([normalise(decode_dicom(read_dataset(DICOM_DIR / f), size).pixels) for f in SOURCES])
 
 
-@pytest.mark.parametrize("backend", ["channels-last", "onnx"])
+@pytest.mark.parametrize("backend", ["channels-last", "onnx", "openvino"])
 @pytest.mark.parametrize("architecture", ["mobilenetv2_100", "densenet121"])
 def test_a_backend_gives_eager_logits_and_features(backend: str, architecture: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -39,6 +39,17 @@ def test_a_backend_gives_eager_logits_and_features(backend: str, architecture: s
     np.testing.assert_allclose(single.numpy(), want_logits[:1].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_input_adaptation_and_border_mask_export_too(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2_100", input_normalisation="inception", border_mask=0.06).eval()
+    batch = _batch(64)
+    with torch.inference_mode():
+        want, _ = EagerRunner(model, torch.device("cpu"), features=False)(batch)
+        got, _ = make_runner("onnx", model, torch.device("cpu"), features=False, key="masked", input_size=64,
+                             cache_dir=tmp_path)(batch)  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_the_ensemble_gives_the_same_triage_on_every_backend(tmp_path: Path) -> None:
     registry = make_tiny_registry(tmp_path / "models", architectures=("mobilenetv2_100", "resnet18"))
     batch = {64: _batch(64)}
@@ -46,9 +57,9 @@ def test_the_ensemble_gives_the_same_triage_on_every_backend(tmp_path: Path) -> 
         backend: load_ensemble(
             registry, "test", torch.device("cpu"), backend=backend, cache_dir=tmp_path / "onnx"
         ).predict_batch(batch)  # type: ignore[arg-type]
-        for backend in ("eager", "channels-last", "onnx")
+        for backend in ("eager", "channels-last", "onnx", "openvino")
     }
-    for backend in ("channels-last", "onnx"):
+    for backend in ("channels-last", "onnx", "openvino"):
         for got, want in zip(outputs[backend], outputs["eager"], strict=True):
             assert got.label == want.label
             for label, p in want.probabilities.items():

@@ -1,4 +1,5 @@
-"""How a member network runs: eager PyTorch (as loaded, or in the channels-last layout) or ONNX Runtime (CPU).
+"""How a member network runs: eager PyTorch (as loaded, or in the channels-last layout), or its ONNX export run by
+ONNX Runtime or OpenVINO (CPU, full fp32 precision).
 
 Both give the logits and, for the member the OOD detector reads, its pooled features; `tests/test_inference_backends.py`
 checks they agree within a tolerance. Grad-CAM always uses the PyTorch model (it needs gradients). Choose with
@@ -19,7 +20,7 @@ from cxr_triage.logs import get_logger
 
 log = get_logger(__name__)
 
-Backend = Literal["eager", "channels-last", "onnx"]
+Backend = Literal["eager", "channels-last", "onnx", "openvino"]
 ONNX_OPSET = 17
 
 
@@ -66,9 +67,7 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.features = features
-        path = cache_dir / f"{key}-opset{ONNX_OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
-        if not path.is_file():
-            export_onnx(model, input_size, path)
+        path = onnx_file(model, key=key, input_size=input_size, cache_dir=cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -77,6 +76,38 @@ class OnnxRunner:
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits, pooled = self.session.run(None, {"x": batch.cpu().numpy()})
         return torch.from_numpy(logits), torch.from_numpy(pooled) if self.features else None
+
+
+class OpenVinoRunner:
+    """The member's ONNX export compiled by OpenVINO for the CPU, at fp32 (OpenVINO would otherwise pick bf16 on
+    CPUs that have it, which moves the logits by up to 0.2)."""
+
+    def __init__(self, model: nn.Module, *, key: str, input_size: int, cache_dir: Path, features: bool) -> None:
+        import openvino as ov
+
+        self.features = features
+        path = onnx_file(model, key=key, input_size=input_size, cache_dir=cache_dir)
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        }
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.request.infer({"x": batch.cpu().numpy()})
+        logits = torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        pooled = torch.from_numpy(self.request.get_output_tensor(1).data.copy()) if self.features else None
+        return logits, pooled
+
+
+def onnx_file(model: nn.Module, *, key: str, input_size: int, cache_dir: Path) -> Path:
+    """The member's ONNX export in `cache_dir`, made on first use."""
+    path = cache_dir / f"{key}-opset{ONNX_OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
+    if not path.is_file():
+        export_onnx(model, input_size, path)
+    return path
 
 
 def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
@@ -118,8 +149,9 @@ def make_runner(
 ) -> Runner:
     if backend in ("eager", "channels-last"):
         return EagerRunner(model, device, features=features, channels_last=backend == "channels-last")
-    if backend == "onnx":
+    if backend in ("onnx", "openvino"):
         if device.type != "cpu":
-            raise ValueError("the onnx backend runs on the CPU; use eager on CUDA")
-        return OnnxRunner(model, key=key, input_size=input_size, cache_dir=cache_dir, features=features)
-    raise ValueError(f"unknown inference backend {backend!r}; known: eager, channels-last, onnx")
+            raise ValueError(f"the {backend} backend runs on the CPU; use eager on CUDA")
+        runner = OnnxRunner if backend == "onnx" else OpenVinoRunner
+        return runner(model, key=key, input_size=input_size, cache_dir=cache_dir, features=features)
+    raise ValueError(f"unknown inference backend {backend!r}; known: eager, channels-last, onnx, openvino")
