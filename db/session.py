@@ -20,7 +20,9 @@ def make_engine(url: str) -> Engine:
         def _pragmas(dbapi_conn: Any, _: Any) -> None:
             # pysqlite begins transactions lazily, before the first write, on its own: a SAVEPOINT (begin_nested)
             # issued before any write then runs outside a transaction and RELEASE commits it, and a rollback later
-            # cannot undo it. Begin every transaction ourselves instead (SQLAlchemy's documented pysqlite recipe).
+            # cannot undo it. Begin every transaction ourselves instead (SQLAlchemy's documented pysqlite recipe),
+            # IMMEDIATE: a deferred transaction that read first and writes later fails at once with "database is
+            # locked" (WAL snapshot) when another connection wrote in between, instead of waiting its turn.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -31,7 +33,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)

@@ -169,3 +169,40 @@ def test_each_queue_is_bound_to_its_own_exchange_and_routing_key(redis_url: str,
         for name in QUEUES:  # routed by exchange and key, as any AMQP-style client would
             publish.publish({"to": name}, exchange=Exchange(name, type="direct"), routing_key=name)
     assert {name: queue_depth(settings, name) for name in QUEUES} == {name: 1 for name in QUEUES}
+
+
+def test_concurrent_associations_all_land_on_the_embedded_sqlite(service_factory, tiny_registry, tmp_path) -> None:
+    """Four senders at once on the embedded defaults (SQLite, filesystem broker): every instance is stored.
+
+    A deferred SQLite transaction that reads before it writes fails at once ("database is locked") when another
+    association wrote in between; transactions begin IMMEDIATE so that they wait their turn instead."""
+    import subprocess
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import STORESCU_CFG
+
+    service = service_factory(
+        database_url=f"sqlite:///{tmp_path / 'embedded.sqlite3'}", broker_url="", models_dir=tiny_registry.root
+    )
+    service.start_listener()
+    template = pydicom.dcmread(SOURCE)
+    groups: list[list[Path]] = []
+    for sender in range(4):
+        files = []
+        for n in range(5):
+            template.StudyInstanceUID = generate_uid()
+            template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            path = tmp_path / f"s{sender}-{n}.dcm"
+            template.save_as(path)
+            files.append(path)
+        groups.append(files)
+    base = ["storescu", "-aet", "STORESCU", "-aec", "CXRTRIAGE", "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1",
+            str(service.port)]  # fmt: skip
+    procs = [subprocess.Popen([*base, *map(str, files)], stderr=subprocess.PIPE, text=True) for files in groups]
+    outcomes = [(proc.wait(timeout=120), proc.stderr.read() if proc.stderr else "") for proc in procs]
+    assert all(code == 0 and "Store Failed" not in err for code, err in outcomes), outcomes
+    assert "store.db_failed" not in service.log_text()
+    with session_scope(f"sqlite:///{tmp_path / 'embedded.sqlite3'}") as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 20
