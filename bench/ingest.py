@@ -310,7 +310,7 @@ NOTES = (
     "Both write every file to disk on the same file system (work directory below); storescp runs with +xa -od "
     "(default options otherwise: it parses the data set and writes it in the received transfer syntax), with "
     "--fork for the 4-association runs (one process per association); our listener is one Python process.",
-    "Each target uses its default maximum receive PDU (storescp 16 KiB; our listener unlimited, CXR_MAX_PDU=0).",
+    "Each target uses its default maximum receive PDU (storescp 16 KiB; our listener 1 MiB, CXR_MAX_PDU).",
     "Time: start of the first storescu to the exit of the last (all C-STORE responses received); target start-up "
     "and verification are not timed. MB = 10^6 bytes. Median of the repeats. ratio = ours MB/s / storescp MB/s.",
     "The machine may be shared (see load average): treat small differences as noise.",
