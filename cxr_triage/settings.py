@@ -122,6 +122,14 @@ class Settings(BaseSettings):
 
     # --- workers -------------------------------------------------------------------------------
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
+    triage_batch_size: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Instances a worker triages in one pass: with more than 1, a task also claims up to this many "
+        "other queued instances and runs each member once for all of them (their own messages then find them done). "
+        "Pays off with a backend that gains from batches (bench/inference: openvino, onnx).",
+    )
     inference_backend: Literal["eager", "channels-last", "onnx", "openvino"] = Field(
         "eager",
         description="How the members run: eager PyTorch, PyTorch in the channels-last layout, or their ONNX export "

@@ -169,6 +169,28 @@ def claim(session: Session, instance_id: int, *, silent_before: datetime, max_at
     return instance
 
 
+def claim_queued(
+    session: Session, *, limit: int, exclude: int, silent_before: datetime, max_attempts: int = 5
+) -> list[Instance]:
+    """Claim up to `limit` more instances waiting in the queue (oldest first) for a batch, each exclusively as
+    `claim` does; rows another worker is claiming right now are skipped, not waited for (PostgreSQL)."""
+    if limit <= 0:
+        return []
+    candidates = session.scalars(
+        select(Instance.id)
+        .where(Instance.status == InstanceStatus.QUEUED, Instance.id != exclude)
+        .order_by(Instance.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    claimed = []
+    for instance_id in candidates:
+        instance = claim(session, instance_id, silent_before=silent_before, max_attempts=max_attempts)
+        if instance is not None:
+            claimed.append(instance)
+    return claimed
+
+
 def _give_up_if_exhausted(session: Session, instance_id: int, takeable: Any, max_attempts: int) -> None:
     """Fail an instance that would be taken but has used up its attempts (conditionally, like the claim)."""
     failed = session.execute(

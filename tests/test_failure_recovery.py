@@ -206,3 +206,31 @@ def test_concurrent_associations_all_land_on_the_embedded_sqlite(service_factory
     assert "store.db_failed" not in service.log_text()
     with session_scope(f"sqlite:///{tmp_path / 'embedded.sqlite3'}") as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 20
+
+
+def test_a_batch_triages_several_queued_instances_once_each(db_url: str, tiny_registry, tmp_path: Path) -> None:
+    """CXR_TRIAGE_BATCH_SIZE: one task claims its instance and queued batch mates, runs the ensemble once for all;
+    the mates' own messages then find them done; every instance gets exactly one prediction."""
+    from workers.ensemble import EnsembleProvider
+    from workers.triage import triage_instance
+
+    upgrade(db_url)
+    ids = _add(db_url, 6)
+    with session_scope(db_url) as session:
+        for instance_id in ids:
+            repo.mark_queued(session, instance_id)
+    settings = Settings(home=tmp_path, database_url=db_url, triage_batch_size=4, results_heatmap=False)
+    provider = EnsembleProvider(tiny_registry, device="cpu", poll_s=0)
+    assert triage_instance(settings, ids[2], provider).status == InstanceStatus.DONE
+    with session_scope(db_url) as session:
+        done = set(session.scalars(select(Instance.id).where(Instance.status == InstanceStatus.DONE)))
+    assert len(done) == 4 and ids[2] in done and done - {ids[2]} == set(ids[:2] + ids[3:4])  # oldest mates first
+    assert triage_instance(settings, ids[0], provider).status == "duplicate"  # its own message, later
+    for instance_id in ids[4:]:
+        triage_instance(settings, instance_id, provider)
+    with session_scope(db_url) as session:
+        per_instance = dict(
+            session.execute(select(Prediction.instance_id, func.count()).group_by(Prediction.instance_id)).all()
+        )
+        statuses = set(session.scalars(select(Instance.status)))
+    assert per_instance == {instance_id: 1 for instance_id in ids} and statuses == {InstanceStatus.DONE}

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from kombu.exceptions import OperationalError as BrokerOperationalError
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.orm import Session
 
 from cxr_triage.logs import get_logger
 from cxr_triage.pixels import PixelDecodeError, decode_dicom, normalise, read_dataset
@@ -28,7 +31,7 @@ from db.session import session_scope
 from db.worklist_repo import assign_priority
 from infra.queue import hand_over_result
 from workers import results
-from workers.ensemble import EnsembleProvider
+from workers.ensemble import EnsembleOutput, EnsembleProvider
 
 log = get_logger(__name__)
 
@@ -41,6 +44,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError,
 )
 REASON_LIMIT = 500
+DECODE_THREADS = 4
 # Data set attributes whose values are removed from a failure reason (an exception message can quote them).
 _IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "IssuerOfPatientID")
 
@@ -52,13 +56,13 @@ class TriageOutcome:
 
 
 class Heartbeat:
-    """While a worker holds an instance, a thread refreshes its row every `interval_s`, so that nobody re-sends or
+    """While a worker holds instances, a thread refreshes their rows every `interval_s`, so that nobody re-sends or
     takes over an instance that is still being worked on (db/repo.py `claim`, `dispatchable`)."""
 
-    def __init__(self, url: str, instance_id: int, interval_s: float) -> None:
-        self.url, self.instance_id, self.interval_s = url, instance_id, interval_s
+    def __init__(self, url: str, instance_ids: list[int], interval_s: float) -> None:
+        self.url, self.instance_ids, self.interval_s = url, instance_ids, interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{instance_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{instance_ids[0]}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -72,131 +76,200 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 with session_scope(self.url) as session:
-                    if not repo.heartbeat(session, self.instance_id):
-                        return  # finished, or taken over
+                    if not any([repo.heartbeat(session, instance_id) for instance_id in self.instance_ids]):
+                        return  # all finished, or taken over
             except Exception as exc:  # the database is away: the next beat tries again
                 log.warning("triage.heartbeat_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """What a worker read off an instance it holds."""
+
+    instance_id: int
+    path: Path
+    sop_uid: str
+    queued_at: Any
+    content: str  # its sha256: a corrected re-send replaces it; what this run read must still be current
+
+    @classmethod
+    def of(cls, instance: Instance) -> Claimed:
+        return cls(instance.id, Path(instance.path), instance.sop_instance_uid, instance.queued_at, instance.sha256)
+
+
 def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProvider) -> TriageOutcome:
-    """Idempotent: a finished instance is left alone, one held by a live worker too; a repeated run writes no second
-    prediction."""
+    """Triage the instance, and with CXR_TRIAGE_BATCH_SIZE > 1 up to that many other queued ones in the same pass
+    (one forward pass per member for all of them). Idempotent: a finished instance is left alone, one held by a live
+    worker too; a repeated run writes no second prediction. The batch mates' own messages later find them finished.
+    Returns this instance's outcome (or "duplicate" when another worker had it)."""
     url = settings.effective_database_url
+    silent_before = repo.stale_cutoff(settings.heartbeat_timeout_s)
     with session_scope(url) as session:
-        instance = repo.claim(
-            session,
-            instance_id,
-            silent_before=repo.stale_cutoff(settings.heartbeat_timeout_s),
-            max_attempts=settings.task_max_attempts,
-        )
-        if instance is None:
-            return TriageOutcome("duplicate", "already finished, held by a live worker, or unknown")
-        path = Path(instance.path)
-        sop_uid = instance.sop_instance_uid
-        queued_at = instance.queued_at
-        content = instance.sha256  # a corrected re-send replaces it; what this run read must still be current
-    with Heartbeat(url, instance_id, settings.heartbeat_s):
-        return _triage_claimed(settings, instance_id, provider, path, sop_uid, queued_at, content)
+        first = repo.claim(session, instance_id, silent_before=silent_before, max_attempts=settings.task_max_attempts)
+        claims = [Claimed.of(first)] if first is not None else []
+    if settings.triage_batch_size > 1:
+        with session_scope(url) as session:
+            mates = repo.claim_queued(
+                session,
+                limit=settings.triage_batch_size - len(claims),
+                exclude=instance_id,
+                silent_before=silent_before,
+                max_attempts=settings.task_max_attempts,
+            )
+            claims += [Claimed.of(mate) for mate in mates]
+    if not claims:
+        return TriageOutcome("duplicate", "already finished, held by a live worker, or unknown")
+    with Heartbeat(url, [c.instance_id for c in claims], settings.heartbeat_s):
+        outcomes = triage_claimed(settings, claims, provider)
+    return outcomes.get(instance_id, TriageOutcome("duplicate", "already finished, held by a live worker"))
 
 
-def _triage_claimed(
-    settings: Settings,
-    instance_id: int,
-    provider: EnsembleProvider,
-    path: Path,
-    sop_uid: str,
-    queued_at: Any,
-    content: str,
-) -> TriageOutcome:
+@dataclass
+class _Decoded:
+    claim: Claimed
+    ds: Dataset
+    inputs: dict[int, torch.Tensor]
+    decode_ms: float
+    bound: Any
+
+
+def triage_claimed(settings: Settings, claims: list[Claimed], provider: EnsembleProvider) -> dict[int, TriageOutcome]:
+    """Triage instances this worker holds: decode (in threads), one ensemble pass for all, result objects, then the
+    predictions, priorities and result rows of all in one transaction. An instance that cannot be decoded, or whose
+    storing fails, ends `failed` alone; transient errors propagate (the task retries)."""
     url = settings.effective_database_url
-    bound = log.bind(sop_instance_uid=sop_uid)
-
+    outcomes: dict[int, TriageOutcome] = {}
     ensemble = provider.current()
     if ensemble is None:  # none promoted, or the promoted set does not load and none was loaded before
         reason = (provider.refusal or "no promoted model set")[:REASON_LIMIT]
         with session_scope(url) as session:
-            inst = session.get(Instance, instance_id)
-            assert inst is not None
-            repo.set_status(session, inst, InstanceStatus.AWAITING_MODEL, reason)
-        bound.info("triage.awaiting_model", reason=reason)
-        return TriageOutcome(InstanceStatus.AWAITING_MODEL, reason)
+            for claim in claims:
+                inst = session.get(Instance, claim.instance_id)
+                assert inst is not None
+                repo.set_status(session, inst, InstanceStatus.AWAITING_MODEL, reason)
+        log.info("triage.awaiting_model", reason=reason, count=len(claims))
+        return {c.instance_id: TriageOutcome(InstanceStatus.AWAITING_MODEL, reason) for c in claims}
 
-    queue_wait_ms = (utcnow() - as_utc(queued_at)).total_seconds() * 1000 if queued_at else None
-    ds: Dataset | None = None
+    def decode(claim: Claimed) -> _Decoded | TriageOutcome:
+        bound = log.bind(sop_instance_uid=claim.sop_uid)
+        ds: Dataset | None = None
+        try:
+            started = time.perf_counter()
+            ds = read_dataset(claim.path)
+            inputs = {
+                size: normalise(decode_dicom(ds, size, max_pixels=settings.max_decoded_pixels).pixels)[None]
+                for size in sorted(ensemble.input_sizes)
+            }
+            return _Decoded(claim, ds, inputs, (time.perf_counter() - started) * 1000, bound)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            return _fail(url, claim.instance_id, claim.content, failure_reason(exc, ds), bound)
+
+    if len(claims) == 1:
+        decoded_all = [decode(claims[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=min(len(claims), DECODE_THREADS)) as pool:
+            decoded_all = list(pool.map(decode, claims))
+    decoded = [d for d in decoded_all if isinstance(d, _Decoded)]
+    outcomes.update({c.instance_id: o for c, o in zip(claims, decoded_all, strict=True) if not isinstance(o, _Decoded)})
+    if not decoded:
+        return outcomes
+
     try:
         started = time.perf_counter()
-        ds = read_dataset(path)
-        inputs = {
-            size: normalise(decode_dicom(ds, size, max_pixels=settings.max_decoded_pixels).pixels)[None]
-            for size in sorted(ensemble.input_sizes)
-        }
-        decode_ms = (time.perf_counter() - started) * 1000
+        batch = {size: torch.cat([d.inputs[size] for d in decoded]) for size in ensemble.input_sizes}
+        outputs = ensemble.predict_batch(batch)
+        inference_ms = (time.perf_counter() - started) * 1000 / len(decoded)
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception as exc:  # about the batch, not one instance: each ends failed with the reason
+        for d in decoded:
+            outcomes[d.claim.instance_id] = _fail(url, d.claim.instance_id, d.claim.content, failure_reason(exc, d.ds),
+                                                  d.bound)  # fmt: skip
+        return outcomes
 
+    built = []
+    for d, output in zip(decoded, outputs, strict=True):
         started = time.perf_counter()
-        output = ensemble.predict_batch(inputs)[0]
-        inference_ms = (time.perf_counter() - started) * 1000
+        results_error = None
+        try:
+            objects = results.produce(settings, d.ds, ensemble, d.inputs, output)
+        except Exception as exc:  # the prediction stands even if a result object cannot be built
+            objects = []
+            results_error = failure_reason(exc, d.ds, limit=300)
+            d.bound.error("results.build_failed", error=results_error)
+        built.append((d, output, objects, results_error, (time.perf_counter() - started) * 1000))
+
+    def store(session: Session, d: _Decoded, output: EnsembleOutput, objects: list[Any], error: str | None) -> Any:
+        inst = session.get(Instance, d.claim.instance_id)
+        assert inst is not None
+        if inst.sha256 != d.claim.content:  # replaced while this run worked: the new content is triaged on its own
+            return TriageOutcome("superseded", "the instance was replaced by a corrected re-send")
+        queued_at = d.claim.queued_at
+        record = repo.PredictionRecord(
+            model_set=ensemble.name,
+            model_versions=ensemble.versions,
+            label=output.label,
+            probabilities=output.probabilities,
+            member_probabilities=output.member_probabilities,
+            queue_wait_ms=(utcnow() - as_utc(queued_at)).total_seconds() * 1000 if queued_at else None,
+            decode_ms=d.decode_ms,
+            inference_ms=inference_ms,
+            not_for_clinical_use=ensemble.not_for_clinical_use,
+            ood_score=output.ood_score,
+            out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
+            operating_point=dict(ensemble.spec.operating_point) or None,
+        )
+        prediction = repo.save_prediction(session, inst, record)
+        assign_priority(session, inst.id, settings)  # the worklist priority, in the same transaction
+        if error:
+            inst.status_reason = f"{inst.status_reason}; result objects not built: {error}"
+        rows = results.result_rows(settings, objects, instance_id=inst.id, prediction_id=prediction.id)
+        return repo.add_results(session, rows)
+
+    stored: dict[int, Any] = {}
+    try:
+        with session_scope(url) as session:  # the whole batch in one transaction
+            for d, output, objects, error, _ in built:
+                stored[d.claim.instance_id] = store(session, d, output, objects, error)
     except TRANSIENT_ERRORS:
         raise
-    except Exception as exc:
-        return _fail(url, instance_id, content, failure_reason(exc, ds), bound)
-    assert ds is not None  # read above
+    except Exception:  # one of them cannot be stored: store each on its own, so that only that one fails
+        stored = {}
+        for d, output, objects, error, _ in built:
+            try:
+                with session_scope(url) as session:
+                    stored[d.claim.instance_id] = store(session, d, output, objects, error)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:  # nothing of it was stored (its transaction rolled back)
+                outcomes[d.claim.instance_id] = _fail(url, d.claim.instance_id, d.claim.content,
+                                                      failure_reason(exc, d.ds), d.bound)  # fmt: skip
 
-    started = time.perf_counter()
-    results_error = None
-    try:
-        objects = results.produce(settings, ds, ensemble, inputs, output)
-    except Exception as exc:  # the prediction stands even if a result object cannot be built
-        objects = []
-        results_error = failure_reason(exc, ds, limit=300)
-        bound.error("results.build_failed", error=results_error)
-    results_ms = (time.perf_counter() - started) * 1000
-
-    try:
-        with session_scope(url) as session:
-            inst = session.get(Instance, instance_id)
-            assert inst is not None
-            if inst.sha256 != content:  # replaced while this run worked: the new content is triaged on its own
-                bound.info("triage.superseded")
-                return TriageOutcome("superseded", "the instance was replaced by a corrected re-send")
-            record = repo.PredictionRecord(
-                model_set=ensemble.name,
-                model_versions=ensemble.versions,
-                label=output.label,
-                probabilities=output.probabilities,
-                member_probabilities=output.member_probabilities,
-                queue_wait_ms=queue_wait_ms,
-                decode_ms=decode_ms,
-                inference_ms=inference_ms,
-                not_for_clinical_use=ensemble.not_for_clinical_use,
-                ood_score=output.ood_score,
-                out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
-                operating_point=dict(ensemble.spec.operating_point) or None,
-            )
-            prediction = repo.save_prediction(session, inst, record)
-            assign_priority(session, instance_id, settings)  # the worklist priority, in the same transaction
-            if results_error:
-                inst.status_reason = f"{inst.status_reason}; result objects not built: {results_error}"
-            result_ids = repo.add_results(
-                session, results.result_rows(settings, objects, instance_id=instance_id, prediction_id=prediction.id)
-            )
-    except TRANSIENT_ERRORS:
-        raise
-    except Exception as exc:  # nothing was stored (the transaction rolled back)
-        return _fail(url, instance_id, content, failure_reason(exc, ds), bound)
-    for result_id in result_ids:
-        hand_over_result(settings, result_id)  # if the broker is down, the listener's outbox sends it later
-    bound.info(
-        "triage.done",
-        label=output.label,
-        model_set=ensemble.name,
-        out_of_distribution=output.out_of_distribution,
-        decode_ms=round(decode_ms, 1),
-        inference_ms=round(inference_ms, 1),
-        queue_wait_ms=round(queue_wait_ms, 1) if queue_wait_ms is not None else None,
-        results_ms=round(results_ms, 1),
-        results=[obj.kind for obj in objects],
-    )
-    return TriageOutcome(InstanceStatus.DONE, output.label)
+    for d, output, objects, _, results_ms in built:
+        result = stored.get(d.claim.instance_id)
+        if result is None:
+            continue
+        if isinstance(result, TriageOutcome):
+            d.bound.info("triage.superseded")
+            outcomes[d.claim.instance_id] = result
+            continue
+        for result_id in result:
+            hand_over_result(settings, result_id)  # if the broker is down, the listener's outbox sends it later
+        d.bound.info(
+            "triage.done",
+            label=output.label,
+            model_set=ensemble.name,
+            out_of_distribution=output.out_of_distribution,
+            batch=len(decoded),
+            decode_ms=round(d.decode_ms, 1),
+            inference_ms=round(inference_ms, 1),
+            results_ms=round(results_ms, 1),
+            results=[obj.kind for obj in objects],
+        )
+        outcomes[d.claim.instance_id] = TriageOutcome(InstanceStatus.DONE, output.label)
+    return outcomes
 
 
 def failure_reason(exc: BaseException, ds: Dataset | None = None, *, limit: int = REASON_LIMIT) -> str:

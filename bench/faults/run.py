@@ -267,7 +267,7 @@ class Result:
 
 
 class Suite:
-    def __init__(self, work: Path, models: Path | None) -> None:
+    def __init__(self, work: Path, models: Path | None, settings: dict[str, str] | None = None) -> None:
         from tests.orthanc import Orthanc
 
         self.work = work
@@ -282,6 +282,7 @@ class Suite:
             models = work / "models"
             make_tiny_registry(models)
         self.models = models
+        self.settings = settings or {}
         self.n = 0
 
     def close(self) -> None:
@@ -309,6 +310,7 @@ class Suite:
                 "CXR_RESULTS_RETRY_BASE_S": "2",
                 "CXR_LOG_LEVEL": "INFO",
                 "PYTHONPATH": str(ROOT),
+                **self.settings,
                 **{f"CXR_{k.upper()}": v for k, v in overrides.items()},
             }
         )
@@ -519,10 +521,16 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="A model registry (default: a tiny random-weight set).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="Where the JSON report goes.")
     parser.add_argument("--keep", action="store_true", help="Keep the work directory (logs) for inspection.")
+    parser.add_argument("--batch-size", type=int, default=1, help="CXR_TRIAGE_BATCH_SIZE of the workers.")
+    parser.add_argument("--backend", default="eager", help="CXR_INFERENCE_BACKEND of the workers.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxr-faults-"))
     work.chmod(0o755)  # the PostgreSQL cluster runs as user postgres
-    suite = Suite(work, args.models)
+    suite = Suite(
+        work,
+        args.models,
+        {"CXR_TRIAGE_BATCH_SIZE": str(args.batch_size), "CXR_INFERENCE_BACKEND": args.backend},
+    )
     results: list[Result] = []
     try:
         for name in args.scenario or SCENARIOS:
@@ -545,7 +553,8 @@ def main() -> None:
         print(f"  {r.scenario}: {r.note}")
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"faults-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    report.write_text(json.dumps({"results": [asdict(r) for r in results]}, indent=2) + "\n")
+    config = {"batch_size": args.batch_size, "backend": args.backend}
+    report.write_text(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=2) + "\n")
     print(f"report: {report}")
     if any(r.lost or r.duplicate_predictions or r.duplicate_srs_at_pacs for r in results):
         sys.exit(1)
