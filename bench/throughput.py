@@ -57,7 +57,7 @@ def main() -> None:
     }
     suite = Suite(work, args.models, settings)
     try:
-        files = make_instances(work / "burst", args.count)
+        files = make_instances(work / "burst-data", args.count)
         service, url = suite.service("burst")
         for _ in range(args.workers - 2):
             service.start_worker()
