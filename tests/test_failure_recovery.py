@@ -198,7 +198,7 @@ def test_concurrent_associations_all_land_on_the_embedded_sqlite(service_factory
             template.save_as(path)
             files.append(path)
         groups.append(files)
-    base = ["storescu", "-aet", "STORESCU", "-aec", "CXRTRIAGE", "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1",
+    base = ["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "CXRTRIAGE", "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1",
             str(service.port)]  # fmt: skip
     procs = [subprocess.Popen([*base, *map(str, files)], stderr=subprocess.PIPE, text=True) for files in groups]
     outcomes = [(proc.wait(timeout=120), proc.stderr.read() if proc.stderr else "") for proc in procs]

@@ -94,7 +94,7 @@ def test_the_readme_production_commands_deliver_the_sr_to_the_pacs(pg_url, redis
                 done = subprocess.run(["bash", "-c", command], env=env, cwd=ROOT, capture_output=True, timeout=120)
                 assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
         sent = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "CXRTRIAGE", "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1",
+            ["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "CXRTRIAGE", "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1",
              str(port), str(SOURCE)], capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr

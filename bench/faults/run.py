@@ -183,7 +183,7 @@ def storescu(port: int, files: list[Path], timeout: float = 600) -> set[str]:
     """Send `files` on one association; returns the SOP Instance UIDs answered with Success."""
     if not files:
         return set()
-    cmd = ["storescu", "-v", "-aet", "FAULTS", "-aec", AE_TITLE, "-to", "30", "-ta", "30", "-td", "60",
+    cmd = ["/usr/bin/storescu", "-v", "-aet", "FAULTS", "-aec", AE_TITLE, "-to", "30", "-ta", "30", "-td", "60",
            "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1", str(port), *map(str, files)]  # fmt: skip
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
