@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 from celery import Celery
@@ -81,6 +83,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 _producers: dict[str, Celery] = {}
+# kombu's filesystem transport keeps its exchange tables in JSON files that concurrent senders in one process read
+# while another rewrites them (JSONDecodeError): sends through it take turns. Redis needs no lock.
+_filesystem_send = threading.Lock()
+
+
+def _sending(settings: Settings) -> contextlib.AbstractContextManager[object]:
+    return _filesystem_send if settings.effective_broker_url.startswith("filesystem") else contextlib.nullcontext()
 
 
 def producer(settings: Settings) -> Celery:
@@ -96,31 +105,38 @@ def producer(settings: Settings) -> Celery:
 def send_triage(settings: Settings, instance_id: int, *, sop_instance_uid: str, timeout_s: float = 3.0) -> str:
     """Send the triage task for `instance_id`; raises if the broker does not accept it within `timeout_s`."""
     app = producer(settings)
-    result = app.send_task(
-        TRIAGE_TASK,
-        args=[instance_id],
-        kwargs={"sop_instance_uid": sop_instance_uid},
-        queue=QUEUE_GPU,
-        retry=True,
-        retry_policy={
-            "max_retries": 1,
-            "interval_start": 0,
-            "interval_step": timeout_s / 2,
-            "interval_max": timeout_s,
-        },
-    )
+    with _sending(settings):
+        result = app.send_task(
+            TRIAGE_TASK,
+            args=[instance_id],
+            kwargs={"sop_instance_uid": sop_instance_uid},
+            queue=QUEUE_GPU,
+            retry=True,
+            retry_policy={
+                "max_retries": 1,
+                "interval_start": 0,
+                "interval_step": timeout_s / 2,
+                "interval_max": timeout_s,
+            },
+        )
     return str(result.id)
 
 
 def send_result(settings: Settings, result_id: int, *, timeout_s: float = 3.0) -> str:
     """Send the delivery task of a result object to queue `cpu`."""
-    result = producer(settings).send_task(
-        SEND_RESULT_TASK,
-        args=[result_id],
-        queue=QUEUE_CPU,
-        retry=True,
-        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": timeout_s / 2, "interval_max": timeout_s},
-    )
+    with _sending(settings):
+        result = producer(settings).send_task(
+            SEND_RESULT_TASK,
+            args=[result_id],
+            queue=QUEUE_CPU,
+            retry=True,
+            retry_policy={
+                "max_retries": 1,
+                "interval_start": 0,
+                "interval_step": timeout_s / 2,
+                "interval_max": timeout_s,
+            },
+        )
     return str(result.id)
 
 
@@ -143,7 +159,7 @@ def hand_over_result(settings: Settings, result_id: int) -> bool:
 def queue_depth(settings: Settings, queue: str = QUEUE_GPU) -> int | None:
     """Messages waiting in `queue` on the broker (not those a worker holds), or None when the broker cannot say."""
     try:
-        with producer(settings).connection_for_read() as conn:
+        with _sending(settings), producer(settings).connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
             try:
                 _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
