@@ -208,12 +208,12 @@ def _give_up_if_exhausted(session: Session, instance_id: int, takeable: Any, max
         session.add(InstanceEvent(instance_id=instance_id, status=InstanceStatus.FAILED, reason=reason))
 
 
-def heartbeat(session: Session, instance_id: int) -> bool:
-    """The holder of a `processing` instance is alive: refresh heartbeat_at so nobody takes it over. False when the
-    instance is no longer processing (finished, or taken over after this worker went silent)."""
+def heartbeat(session: Session, *instance_ids: int) -> bool:
+    """The holder of `processing` instances is alive: refresh their heartbeat_at so nobody takes them over. False
+    when none is processing any more (finished, or taken over after this worker went silent)."""
     result = session.execute(
         update(Instance)
-        .where(Instance.id == instance_id, Instance.status == InstanceStatus.PROCESSING)
+        .where(Instance.id.in_(instance_ids), Instance.status == InstanceStatus.PROCESSING)
         .values(heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     )

@@ -102,42 +102,24 @@ def producer(settings: Settings) -> Celery:
     return _producers[key]
 
 
-def send_triage(settings: Settings, instance_id: int, *, sop_instance_uid: str, timeout_s: float = 3.0) -> str:
-    """Send the triage task for `instance_id`; raises if the broker does not accept it within `timeout_s`."""
-    app = producer(settings)
+def _send(settings: Settings, task: str, queue: str, args: list[Any], kwargs: dict[str, Any], timeout_s: float) -> str:
+    """Publish `task` to `queue`; raises if the broker does not accept it within `timeout_s` (one retry)."""
+    retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": timeout_s / 2, "interval_max": timeout_s}
     with _sending(settings):
-        result = app.send_task(
-            TRIAGE_TASK,
-            args=[instance_id],
-            kwargs={"sop_instance_uid": sop_instance_uid},
-            queue=QUEUE_GPU,
-            retry=True,
-            retry_policy={
-                "max_retries": 1,
-                "interval_start": 0,
-                "interval_step": timeout_s / 2,
-                "interval_max": timeout_s,
-            },
+        result = producer(settings).send_task(
+            task, args=args, kwargs=kwargs, queue=queue, retry=True, retry_policy=retry_policy
         )
     return str(result.id)
+
+
+def send_triage(settings: Settings, instance_id: int, *, sop_instance_uid: str, timeout_s: float = 3.0) -> str:
+    """Send the triage task for `instance_id` to queue `gpu`."""
+    return _send(settings, TRIAGE_TASK, QUEUE_GPU, [instance_id], {"sop_instance_uid": sop_instance_uid}, timeout_s)
 
 
 def send_result(settings: Settings, result_id: int, *, timeout_s: float = 3.0) -> str:
     """Send the delivery task of a result object to queue `cpu`."""
-    with _sending(settings):
-        result = producer(settings).send_task(
-            SEND_RESULT_TASK,
-            args=[result_id],
-            queue=QUEUE_CPU,
-            retry=True,
-            retry_policy={
-                "max_retries": 1,
-                "interval_start": 0,
-                "interval_step": timeout_s / 2,
-                "interval_max": timeout_s,
-            },
-        )
-    return str(result.id)
+    return _send(settings, SEND_RESULT_TASK, QUEUE_CPU, [result_id], {}, timeout_s)
 
 
 def hand_over_result(settings: Settings, result_id: int) -> bool:

@@ -11,13 +11,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from pydicom.uid import generate_uid
+from sqlalchemy import func, select
 
 from cxr_triage.architectures import create_model, save_state
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
+from db import repo
+from db.models import Instance, InstanceStatus, Prediction
+from db.session import session_scope
 
 ROOT = Path(__file__).resolve().parents[1]
 DICOM_DIR = ROOT / "tests" / "data" / "dicom"
@@ -64,6 +69,50 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def received_instance(sop: str, path: Path, **fields: Any) -> repo.ReceivedInstance:
+    """A chest CR as the listener records it after spooling `path`; `fields` override any attribute."""
+    values: dict[str, Any] = {
+        "sop_instance_uid": sop,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1",
+        "study_instance_uid": "1.2.3.4",
+        "series_instance_uid": "1.2.3.4.5",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.4.50",
+        "calling_aet": "MODALITY",
+        "modality": "CR",
+        "body_part": "CHEST",
+        "view_position": "PA",
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "sha256": "0" * 64,
+        "status": InstanceStatus.RECEIVED,
+        "status_reason": None,
+        **fields,
+    }
+    return repo.ReceivedInstance(**values)
+
+
+def instance_outcomes(url: str) -> dict[str, tuple[str, str | None, int]]:
+    """SOP Instance UID -> (status, reason, number of predictions)."""
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Instance.status, Instance.status_reason, func.count(Prediction.id))
+            .outerjoin(Prediction)
+            .group_by(Instance.id)
+        ).all()
+    return {sop: (status, reason, count) for sop, status, reason, count in rows}
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for 127.0.0.1 (openssl), for DICOM TLS tests."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cxr-triage-test",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def make_tiny_registry(

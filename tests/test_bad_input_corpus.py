@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 
 from bench.faults import corpus
-from db.models import Instance, InstanceStatus, Prediction
-from db.session import session_scope
-from tests.conftest import Service, wait_until
+from db.models import InstanceStatus
+from tests.conftest import Service, instance_outcomes, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -82,17 +80,6 @@ def _send_pynetdicom(port: int, path: Path, request: dict[str, str], scratch: Pa
     finally:
         if assoc.is_established:
             assoc.release()
-
-
-def _instances(url: str) -> dict[str, tuple[str, str | None, int]]:
-    """SOP Instance UID -> (status, reason, number of predictions)."""
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.status, Instance.status_reason, func.count(Prediction.id))
-            .outerjoin(Prediction)
-            .group_by(Instance.id)
-        ).all()
-    return {sop: (status, reason, count) for sop, status, reason, count in rows}
 
 
 def _check_answer(entry: dict[str, Any], sent: Sent) -> str | None:
@@ -159,7 +146,7 @@ def test_every_bad_input_gets_its_expected_outcome_and_the_service_stays_up(
     taken = {e["request"]["sop_instance_uid"] for e in entries if answers[e["file"]].status == 0} | set(good)
 
     def all_terminal() -> bool:
-        rows = _instances(pg_url)
+        rows = instance_outcomes(pg_url)
         return all(uid in rows and rows[uid][0] in InstanceStatus.TERMINAL for uid in taken)
 
     problems: list[str] = []
@@ -167,7 +154,7 @@ def test_every_bad_input_gets_its_expected_outcome_and_the_service_stays_up(
         wait_until(all_terminal, 120, "every accepted instance to reach done, failed or skipped", interval=1.0)
     except AssertionError as exc:
         problems.append(str(exc))
-    rows = _instances(pg_url)
+    rows = instance_outcomes(pg_url)
 
     known: list[str] = []
     table = []
@@ -208,11 +195,13 @@ def test_every_bad_input_gets_its_expected_outcome_and_the_service_stays_up(
     final = good_dir / "good_final.dcm"
     final_uid = corpus.write_good_file(final, salt=str(tmp_path))
     assert _send_storescu(service, final).status == 0
-    wait_until(lambda: _instances(pg_url).get(final_uid, ("",))[0] == InstanceStatus.DONE, 60, "the last good file")
+    wait_until(
+        lambda: instance_outcomes(pg_url).get(final_uid, ("",))[0] == InstanceStatus.DONE, 60, "the last good file"
+    )
 
     # No fake patient name or ID reached the logs or a reason.
     logs = service.log_text()
-    reasons = "\n".join(reason or "" for _, reason, _ in _instances(pg_url).values())
+    reasons = "\n".join(reason or "" for _, reason, _ in instance_outcomes(pg_url).values())
     for entry in entries:
         for identifier in entry["identifiers"]:
             assert identifier not in logs, f"{identifier} of {entry['file']} is in the logs"

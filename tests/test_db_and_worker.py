@@ -17,30 +17,13 @@ from db import repo
 from db.migrate import downgrade, upgrade
 from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
 from db.session import engine_for, session_scope
-from tests.conftest import DICOM_DIR, make_tiny_registry
+from tests.conftest import DICOM_DIR, make_tiny_registry, received_instance
 from workers.ensemble import EnsembleProvider
 from workers.triage import triage_instance
 
 
 def _received(sop: str, path: Path, status: InstanceStatus = InstanceStatus.RECEIVED) -> repo.ReceivedInstance:
-    return repo.ReceivedInstance(
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        study_instance_uid="1.2.3.4",
-        series_instance_uid="1.2.3.4.5",
-        transfer_syntax_uid="1.2.840.10008.1.2.4.50",
-        calling_aet="MODALITY",
-        modality="CR",
-        body_part="CHEST",
-        view_position="PA",
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        sha256="0" * 64,
-        status=status,
-        status_reason=None,
-        patient_name="Doe^Jane",
-        patient_id="PID-123",
-    )
+    return received_instance(sop, path, status=status, patient_name="Doe^Jane", patient_id="PID-123")
 
 
 def test_migrations_create_the_same_schema_and_downgrade(db_url: str) -> None:

@@ -15,27 +15,18 @@ from db.migrate import upgrade
 from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
 from db.session import session_scope
 from infra.queue import QUEUES, producer, queue_depth, remove_legacy_bindings, send_triage
-from tests.conftest import DICOM_DIR
+from tests.conftest import DICOM_DIR, received_instance
 
 SOURCE = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
 
 
 def _received(n: int, status: InstanceStatus = InstanceStatus.QUEUED) -> repo.ReceivedInstance:
-    return repo.ReceivedInstance(
-        sop_instance_uid=f"1.2.826.0.1.77.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+    return received_instance(
+        f"1.2.826.0.1.77.{n}",
+        SOURCE,
         study_instance_uid="1.2.826.0.1.77",
         series_instance_uid="1.2.826.0.1.77.0",
-        transfer_syntax_uid="1.2.840.10008.1.2.4.50",
-        calling_aet="MODALITY",
-        modality="CR",
-        body_part="CHEST",
-        view_position="PA",
-        path=str(SOURCE),
-        size_bytes=SOURCE.stat().st_size,
-        sha256="0" * 64,
         status=status,
-        status_reason=None,
     )
 
 

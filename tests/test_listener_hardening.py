@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from cxr_triage import settings as settings_module
 from cxr_triage.settings import Settings
 from listener.server import ListenerConfigError, check_exposure, is_loopback
-from tests.conftest import DICOM_DIR, wait_until
+from tests.conftest import DICOM_DIR, self_signed_cert, wait_until
 
 
 def _echo(port: int, *, calling: str = "ECHOSCU", called: str = "CXRTRIAGE") -> bool:
@@ -153,12 +153,7 @@ def test_idle_and_dripping_sockets_do_not_lock_a_real_sender_out(
 
 
 def test_an_idle_socket_does_not_freeze_a_tls_listener(pg_url, redis_url, tiny_registry, service_factory, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cxr-triage-test",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     service = service_factory(
         database_url=pg_url,
         broker_url=redis_url,

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from cxr_triage.registry import Registry
-from db.models import Instance, InstanceStatus, Prediction
+from db.models import InstanceStatus, Prediction
 from db.session import session_scope
 from tests.conftest import (
     CHEST_FILES,
     DICOM_DIR,
     NON_CHEST_FILES,
     free_port,
+    instance_outcomes,
     make_tiny_registry,
+    self_signed_cert,
     wait_for_port,
     wait_until,
 )
@@ -29,19 +31,8 @@ from tests.conftest import (
 pytestmark = pytest.mark.integration
 
 
-def _instances(url: str) -> dict[str, tuple[str, str | None, int]]:
-    """sop uid -> (status, reason, number of predictions)."""
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.status, Instance.status_reason, func.count(Prediction.id))
-            .outerjoin(Prediction)
-            .group_by(Instance.id)
-        ).all()
-    return {sop: (status, reason, count) for sop, status, reason, count in rows}
-
-
 def _all_terminal(url: str, expected: int) -> bool:
-    rows = _instances(url)
+    rows = instance_outcomes(url)
     return len(rows) == expected and all(status in InstanceStatus.TERMINAL for status, _, _ in rows.values())
 
 
@@ -75,7 +66,7 @@ def test_every_sample_gets_a_response_and_the_expected_outcome(
     assert "Store Failed" not in result.stderr
     wait_until(lambda: _all_terminal(pg_url, len(files)), 180, "every instance to finish")
 
-    rows = _instances(pg_url)
+    rows = instance_outcomes(pg_url)
     for name in CHEST_FILES:
         status, reason, predictions = rows[_sop_uid(DICOM_DIR / name)]
         assert (status, predictions) == (InstanceStatus.DONE, 1), (name, reason)
@@ -91,7 +82,7 @@ def test_every_sample_gets_a_response_and_the_expected_outcome(
     again = service.storescu(*files)
     assert again.returncode == 0 and "Store Failed" not in again.stderr
     time.sleep(3)
-    assert _instances(pg_url) == rows
+    assert instance_outcomes(pg_url) == rows
 
     # Logs are JSON with correlation fields and never carry patient names or IDs.
     logs = service.log_text()
@@ -119,16 +110,16 @@ def test_worker_killed_mid_task_loses_nothing(pg_url, redis_url, tmp_path, servi
     assert service.storescu(*files).returncode == 0
 
     def processing() -> bool:
-        return any(s == InstanceStatus.PROCESSING for s, _, _ in _instances(pg_url).values())
+        return any(s == InstanceStatus.PROCESSING for s, _, _ in instance_outcomes(pg_url).values())
 
     wait_until(processing, 120, "a worker to start a task", interval=0.02)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(timeout=10)
-    assert any(s == InstanceStatus.PROCESSING for s, _, _ in _instances(pg_url).values())
+    assert any(s == InstanceStatus.PROCESSING for s, _, _ in instance_outcomes(pg_url).values())
 
     service.start_worker()
     wait_until(lambda: _all_terminal(pg_url, len(files)), 240, "the redelivered tasks to finish")
-    rows = _instances(pg_url)
+    rows = instance_outcomes(pg_url)
     assert sorted((s, n) for s, _, n in rows.values()) == [(InstanceStatus.DONE, 1)] * len(files)
 
 
@@ -143,7 +134,7 @@ def test_broker_outage_does_not_fail_c_store_and_everything_is_triaged_after(
 
     result = service.storescu(*files)
     assert result.returncode == 0 and "Store Failed" not in result.stderr, result.stderr
-    rows = _instances(pg_url)
+    rows = instance_outcomes(pg_url)
     assert len(rows) == len(files)
     assert {status for status, _, _ in rows.values()} == {InstanceStatus.RECEIVED}
 
@@ -167,7 +158,9 @@ def test_broker_outage_does_not_fail_c_store_and_everything_is_triaged_after(
         wait_for_port(port)
         service.start_worker()
         wait_until(lambda: _all_terminal(pg_url, len(files)), 180, "triage after the broker came back")
-        assert sorted((s, n) for s, _, n in _instances(pg_url).values()) == [(InstanceStatus.DONE, 1)] * len(files)
+        assert sorted((s, n) for s, _, n in instance_outcomes(pg_url).values()) == [(InstanceStatus.DONE, 1)] * len(
+            files
+        )
     finally:
         redis_server.terminate()
         redis_server.wait(timeout=10)
@@ -189,7 +182,7 @@ def test_unknown_calling_ae_title_is_rejected(pg_url, redis_url, tiny_registry, 
     assert accepted.returncode == 0, accepted.stderr
     store = service.storescu(DICOM_DIR / CHEST_FILES[0], calling_aet="INTRUDER")
     assert "Association Rejected" in store.stderr
-    assert _instances(pg_url) == {}
+    assert instance_outcomes(pg_url) == {}
 
 
 def test_hostile_uid_is_refused_and_nothing_is_written_outside_the_spool(
@@ -216,7 +209,7 @@ def test_hostile_uid_is_refused_and_nothing_is_written_outside_the_spool(
     assert not list(spool.rglob("*.dcm"))
     assert not list(Path(service.home).rglob("escaped*"))
     assert not list(Path("/").glob("escaped*"))
-    assert _instances(pg_url) == {}
+    assert instance_outcomes(pg_url) == {}
 
 
 def test_embedded_defaults_sqlite_and_filesystem_broker(tiny_registry, service_factory, tmp_path):
@@ -236,7 +229,7 @@ def test_embedded_defaults_sqlite_and_filesystem_broker(tiny_registry, service_f
     assert service.storescu(*files).returncode == 0
     url = f"sqlite:///{(home / 'cxr-triage.sqlite3').resolve()}"
     wait_until(lambda: _all_terminal(url, len(files)), 180, "embedded triage")
-    statuses = sorted(s for s, _, _ in _instances(url).values())
+    statuses = sorted(s for s, _, _ in instance_outcomes(url).values())
     assert statuses == [InstanceStatus.DONE] * 3 + [InstanceStatus.SKIPPED]
     assert Registry(tiny_registry.root).promoted_name() == "test"
 
@@ -258,10 +251,10 @@ def test_disk_and_database_errors_answer_out_of_resources_so_the_sender_retries(
     (spool / study_uid).write_text("in the way")
     result = service.storescu(first, extra=("-v",))
     assert "Refused: OutOfResources" in result.stderr, result.stderr
-    assert _instances(pg_url) == {}
+    assert instance_outcomes(pg_url) == {}
     (spool / study_uid).unlink()
     assert "Store Failed" not in service.storescu(first).stderr
-    assert list(_instances(pg_url)) == [_sop_uid(first)]
+    assert list(instance_outcomes(pg_url)) == [_sop_uid(first)]
 
     # Database: gone while the listener runs.
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -398,7 +391,6 @@ def test_retraining_through_celery_gates_promotes_and_a_running_worker_switches(
     pg_url, redis_url, tiny_registry, service_factory, tmp_path
 ):
     from cxr_triage.settings import Settings
-    from db.models import Prediction
     from infra.queue import RETRAIN_TASK, producer
     from training.fixtures import make_dataset
 
@@ -452,12 +444,7 @@ def test_listener_speaks_dicom_tls_and_refuses_plain_associations(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=cxr-triage-test",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_cert(tmp_path)
     service = service_factory(
         database_url=pg_url, broker_url=redis_url, models_dir=tiny_registry.root, tls_cert=str(cert), tls_key=str(key)
     )

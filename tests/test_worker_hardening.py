@@ -26,7 +26,7 @@ from db import repo
 from db.migrate import upgrade
 from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
 from db.session import session_scope
-from tests.conftest import DICOM_DIR, NOMETA_CHEST
+from tests.conftest import DICOM_DIR, NOMETA_CHEST, received_instance
 from workers.ensemble import Ensemble, EnsembleProvider
 from workers.triage import TRANSIENT_ERRORS, failure_reason, triage_instance
 
@@ -181,23 +181,8 @@ def _queued(db_url: str, path: Path, sop: str) -> int:
     with session_scope(db_url) as session:
         instance, _ = repo.record_received(
             session,
-            repo.ReceivedInstance(
-                sop_instance_uid=sop,
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-                study_instance_uid="1.2.3.4",
-                series_instance_uid="1.2.3.4.5",
-                transfer_syntax_uid="1.2.840.10008.1.2",
-                calling_aet="MODALITY",
-                modality="CR",
-                body_part="CHEST",
-                view_position="PA",
-                path=str(path),
-                size_bytes=path.stat().st_size,
-                sha256="0" * 64,
-                status=InstanceStatus.RECEIVED,
-                status_reason=None,
-                patient_name="Doe^Jane",
-                patient_id="PID-123",
+            received_instance(
+                sop, path, transfer_syntax_uid="1.2.840.10008.1.2", patient_name="Doe^Jane", patient_id="PID-123"
             ),
         )
         repo.mark_queued(session, instance.id)

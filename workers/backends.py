@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -133,7 +134,8 @@ def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
 
 def weights_key(version: str, weights: Path) -> str:
     """A cache key that changes when the weights file does."""
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    with weights.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
     return f"{version}-{digest}"
 
 
@@ -143,15 +145,18 @@ def make_runner(
     device: torch.device,
     *,
     features: bool,
-    key: str,
+    key: str | Callable[[], str],
     input_size: int,
     cache_dir: Path,
 ) -> Runner:
+    """`key` names the ONNX export in `cache_dir`; a callable is only called by the backends that export (so that
+    eager loading does not hash the weights)."""
     if backend in ("eager", "channels-last"):
         return EagerRunner(model, device, features=features, channels_last=backend == "channels-last")
     if backend in ("onnx", "openvino"):
         if device.type != "cpu":
             raise ValueError(f"the {backend} backend runs on the CPU; use eager on CUDA")
         runner = OnnxRunner if backend == "onnx" else OpenVinoRunner
-        return runner(model, key=key, input_size=input_size, cache_dir=cache_dir, features=features)
+        name = key() if callable(key) else key
+        return runner(model, key=name, input_size=input_size, cache_dir=cache_dir, features=features)
     raise ValueError(f"unknown inference backend {backend!r}; known: eager, channels-last, onnx, openvino")

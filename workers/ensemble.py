@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import threading
 import time
@@ -159,7 +160,7 @@ def load_ensemble(
             model,
             device,
             features=version == ood_member,
-            key=weights_key(version, weights),
+            key=functools.partial(weights_key, version, weights),
             input_size=card.input_size,
             cache_dir=cache_dir or Path(tempfile.gettempdir()) / "cxr-triage-onnx",
         )

@@ -76,7 +76,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 with session_scope(self.url) as session:
-                    if not any([repo.heartbeat(session, instance_id) for instance_id in self.instance_ids]):
+                    if not repo.heartbeat(session, *self.instance_ids):
                         return  # all finished, or taken over
             except Exception as exc:  # the database is away: the next beat tries again
                 log.warning("triage.heartbeat_failed", error=f"{type(exc).__name__}: {exc}"[:200])
