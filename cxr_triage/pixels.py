@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -150,8 +151,8 @@ def check_declared_size(ds: Dataset, max_pixels: int = DEFAULT_MAX_DECODED_PIXEL
     return frames
 
 
-def read_dataset(path: Path) -> Dataset:
-    """Read a DICOM file (with or without file meta / preamble)."""
+def read_dataset(path: Path | BinaryIO) -> Dataset:
+    """Read a DICOM file or file-like object (with or without file meta / preamble)."""
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:

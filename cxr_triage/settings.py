@@ -20,7 +20,17 @@ class Settings(BaseSettings):
     # --- storage -------------------------------------------------------------------------------
     home: Path = Field(Path("var"), description="Base directory of the embedded defaults (spool, SQLite, broker).")
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file home/cxr-triage.sqlite3.")
-    spool_dir: Path | None = Field(None, description="Where received instances are written; empty = home/spool.")
+    spool_dir: Path | None = Field(None, description="Where received instances are written; empty = home/spool. With "
+                                   "spool_url set, only the listener's scratch space for receiving.")  # fmt: skip
+    spool_url: str = Field(
+        "",
+        description="s3://BUCKET/PREFIX: keep received instances (PREFIX/instances/) and result objects "
+        "(PREFIX/results/) in an S3-compatible object store instead of the filesystem, so listeners and workers "
+        "share no disk; empty = filesystem (spool_dir, results_dir). Credentials: AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION. The store must honour conditional writes (If-None-Match).",
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?)?$",
+    )
+    s3_endpoint_url: str = Field("", description="Endpoint of an S3-compatible store (MinIO, Ceph, ...); empty = AWS.")
     min_free_bytes: int = Field(
         1024**3,
         ge=0,

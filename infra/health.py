@@ -45,6 +45,13 @@ def check_spool(settings: Settings) -> Check:
     from infra.disk import spool_space
 
     spool = settings.effective_spool_dir
+    if settings.spool_url:
+        from infra.objectstore import check_bucket
+
+        try:
+            store = check_bucket(settings)
+        except OSError as exc:
+            return Check("spool", False, f"{settings.spool_url}: {exc}")
     try:
         spool.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=spool, prefix=".health.") as fh:
@@ -53,6 +60,8 @@ def check_spool(settings: Settings) -> Check:
             os.fsync(fh.fileno())
         space = spool_space(settings)
         detail = f"{spool} writable, {space.free_bytes / 1e9:.1f} GB free (watermark {space.watermark_bytes / 1e9:.1f})"
+        if settings.spool_url:
+            detail = f"{store}; receiving in {detail}"
         return Check("spool", not space.below_watermark, detail)
     except OSError as exc:
         return Check("spool", False, f"{spool}: {exc}")

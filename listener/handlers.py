@@ -27,7 +27,7 @@ from db.session import session_scope
 from infra.disk import spool_space
 from listener.dispatch import Dispatcher
 from listener.intake import decide
-from listener.spool import adopt_file, replace_instance, write_instance
+from listener.spool import open_spool
 
 log = get_logger(__name__)
 
@@ -126,6 +126,7 @@ class StoreHandler:
     def __init__(self, settings: Settings, dispatcher: Dispatcher) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
+        self.spool = open_spool(settings)
 
     def __call__(self, event: evt.Event) -> int | Dataset:
         started = time.perf_counter()
@@ -171,28 +172,15 @@ class StoreHandler:
         policy = self.settings.duplicate_policy
         try:
             data = None if path is not None else event.encoded_dataset(include_meta=True)
-            if path is not None:
-                spooled = adopt_file(
-                    self.settings.effective_spool_dir,
-                    study_instance_uid=study_uid,
-                    sop_instance_uid=sop_uid,
-                    source=path,
-                )
-            else:
-                spooled = write_instance(
-                    self.settings.effective_spool_dir,
-                    study_instance_uid=study_uid,
-                    sop_instance_uid=sop_uid,
-                    data=data or b"",
-                )
+            spooled = self.spool.store(study_instance_uid=study_uid, sop_instance_uid=sop_uid, source=path, data=data)
             conflict = spooled.conflict
             conflict_reason = (
                 f"different content received under this SOP Instance UID from {calling_aet} (sha256 "
                 f"{spooled.received_sha256[:12]}..., stored {spooled.sha256[:12]}...): {policy}"
             )
             if conflict and policy == "replace":
-                spooled = replace_instance(spooled.path, source=path, data=data)
-        except OSError as exc:
+                spooled = self.spool.replace(spooled, source=path, data=data)
+        except OSError as exc:  # includes ObjectStoreError
             bound.error("store.spool_failed", error=f"{type(exc).__name__}: {exc.strerror or exc}")
             return status.OUT_OF_RESOURCES
 
@@ -207,7 +195,7 @@ class StoreHandler:
             modality=_column_value(ds, "Modality", 16),
             body_part=_column_value(ds, "BodyPartExamined", 64),
             view_position=_column_value(ds, "ViewPosition", 16),
-            path=str(spooled.path.resolve()),
+            path=spooled.ref,
             size_bytes=spooled.size_bytes,
             sha256=spooled.sha256,
             status=InstanceStatus.RECEIVED if decision.triage else InstanceStatus.SKIPPED,

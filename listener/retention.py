@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -14,6 +13,7 @@ from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
 from db.models import Instance, InstanceEvent, InstanceStatus, utcnow
 from db.session import session_scope
+from infra.objectstore import delete_object
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ def prune_spool(settings: Settings) -> Pruned:
                 select(Instance).where(kept, finished, Instance.received_at < cutoff).order_by(Instance.id).limit(BATCH)
             ).all()
             for instance in old:
-                removed += _remove(session, instance, f"older than {settings.spool_retention_days:g} days")
+                removed += _remove(settings, session, instance, f"older than {settings.spool_retention_days:g} days")
                 files += 1
         if settings.spool_max_bytes:
             total = int(session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)).where(kept)) or 0)
@@ -54,7 +54,7 @@ def prune_spool(settings: Settings) -> Pruned:
                 for instance in oldest:
                     if excess <= 0:
                         break
-                    freed = _remove(session, instance, f"spool over {settings.spool_max_bytes} bytes")
+                    freed = _remove(settings, session, instance, f"spool over {settings.spool_max_bytes} bytes")
                     excess -= instance.size_bytes
                     removed += freed
                     files += 1
@@ -63,15 +63,9 @@ def prune_spool(settings: Settings) -> Pruned:
     return Pruned(files, removed)
 
 
-def _remove(session: Session, instance: Instance, why: str) -> int:
-    """Delete the instance's spool file (if still there) and record it; the row and its results stay."""
-    path = Path(instance.path)
-    size = 0
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        pass
+def _remove(settings: Settings, session: Session, instance: Instance, why: str) -> int:
+    """Delete the instance's spool file or object (if still there) and record it; the row and its results stay."""
+    size = delete_object(settings, instance.path)
     instance.spool_removed_at = utcnow()
     session.add(InstanceEvent(instance_id=instance.id, status=instance.status, reason=f"spool file removed: {why}"))
     return size

@@ -193,6 +193,59 @@ def redis_url() -> Iterator[str]:
         client.flushdb()
 
 
+class S3Server:
+    """A real S3 API server (moto in server mode, its own process) and one fresh bucket per test."""
+
+    def __init__(self, endpoint: str, bucket: str) -> None:
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "cxr-test",
+            "AWS_SECRET_ACCESS_KEY": "cxr-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def s3_server(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """A fresh bucket on the S3 server; the AWS_* credentials are set for this process too."""
+    server = S3Server(s3_endpoint, f"cxr-{uuid.uuid4().hex[:12]}")
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    server.client().create_bucket(Bucket=server.bucket)
+    return server
+
+
 class Service:
     """Listener and worker processes with one environment; stopped at teardown."""
 

@@ -37,9 +37,9 @@ def test_spool_path_refuses_to_leave_the_spool(tmp_path: Path) -> None:
 
 def test_spool_write_is_atomic_and_a_resend_keeps_the_first_copy(tmp_path: Path) -> None:
     first = write_instance(tmp_path, study_instance_uid="1.2", sop_instance_uid="1.2.3", data=b"first")
-    assert not first.already_present and first.path.read_bytes() == b"first"
+    assert not first.already_present and Path(first.ref).read_bytes() == b"first"
     again = write_instance(tmp_path, study_instance_uid="1.2", sop_instance_uid="1.2.3", data=b"second")
-    assert again.already_present and again.path.read_bytes() == b"first" and again.sha256 == first.sha256
+    assert again.already_present and Path(again.ref).read_bytes() == b"first" and again.sha256 == first.sha256
     assert [p.name for p in (tmp_path / "1.2").iterdir()] == ["1.2.3.dcm"], "no temporary file may be left"
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
 from db import repo
 from db.models import ResultObject, ResultStatus
 from db.session import session_scope
+from infra.objectstore import open_object
 from workers.sender import Destination, SendError, c_store
 
 log = get_logger(__name__)
@@ -39,14 +39,14 @@ def deliver(settings: Settings, result_id: int, *, attempt: int) -> DeliveryOutc
         row = session.get(ResultObject, result_id)
         if row is None or row.status in (ResultStatus.DELIVERED, ResultStatus.STORED):
             return DeliveryOutcome(Delivery.NOOP)
-        path, sop_uid = Path(row.path), row.sop_instance_uid
+        ref, sop_uid = row.path, row.sop_instance_uid
     bound = log.bind(result_sop_instance_uid=sop_uid, attempt=attempt)
     if destination is None:
         with session_scope(url) as session:
             repo.record_delivery(session, result_id, destination="", dimse_status=None, error="no destination")
         return DeliveryOutcome(Delivery.NOOP, "no destination configured")
     try:
-        status = c_store(destination, path, calling_aet=settings.ae_title)
+        status = c_store(destination, open_object(settings, ref), calling_aet=settings.ae_title)
     except (SendError, OSError, ValueError) as exc:
         final = attempt >= settings.results_send_max_retries
         with session_scope(url) as session:

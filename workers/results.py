@@ -5,10 +5,10 @@ Delivery to the PACS is workers/delivery.py (queue cpu).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
 from typing import Final
 
 import torch
@@ -20,6 +20,7 @@ from cxr_triage.result_kinds import enabled_kinds
 from cxr_triage.settings import Settings
 from cxr_triage.uids import require_uid
 from db.models import ResultObject, ResultStatus
+from infra import objectstore
 from workers.ensemble import Ensemble, EnsembleOutput
 from workers.heatmap import build_heatmap_sc, grad_cam, render_overlay
 from workers.sender import Destination
@@ -32,17 +33,25 @@ class ProducedObject:
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
-    path: Path
+    ref: str  # the stored file's absolute path or s3:// URL (infra/objectstore.py)
 
 
-def _write(settings: Settings, ds: Dataset) -> Path:
+def _write(settings: Settings, ds: Dataset) -> str:
+    """Store a result object durably under <results>/<StudyInstanceUID>/<SOPInstanceUID>.dcm (or that key in the
+    object store); returns its ref. A rerun of the same triage writes the same name again (same UIDs)."""
     study = require_uid(str(ds.StudyInstanceUID), name="StudyInstanceUID")
     sop = require_uid(str(ds.SOPInstanceUID), name="SOPInstanceUID")
-    target = settings.effective_results_dir / study / f"{sop}.dcm"
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    write_durably(target, buffer.getvalue())
-    return target
+    data = buffer.getvalue()
+    location = objectstore.store_location(settings, objectstore.RESULTS)
+    if location is not None:
+        return objectstore.put(
+            settings, location.child(study, f"{sop}.dcm"), data, hashlib.sha256(data).hexdigest()
+        ).ref
+    target = settings.effective_results_dir / study / f"{sop}.dcm"
+    write_durably(target, data)
+    return str(target.resolve())
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ def result_rows(
             sop_class_uid=obj.sop_class_uid,
             sop_instance_uid=obj.sop_instance_uid,
             series_instance_uid=obj.series_instance_uid,
-            path=str(obj.path.resolve()),
+            path=obj.ref,
             status=ResultStatus.PENDING if destination else ResultStatus.STORED,
             destination=str(destination) if destination else None,
         )

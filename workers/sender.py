@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pynetdicom import AE
@@ -50,8 +51,8 @@ class SendError(Exception):
         self.dimse_status = dimse_status
 
 
-def c_store(destination: Destination, path: Path, *, calling_aet: str, timeout_s: float = 30.0) -> int:
-    """Send one DICOM file; returns the DIMSE status (0x0000) or raises SendError."""
+def c_store(destination: Destination, path: Path | BinaryIO, *, calling_aet: str, timeout_s: float = 30.0) -> int:
+    """Send one DICOM file (a path or file-like object); returns the DIMSE status (0x0000) or raises SendError."""
     ds = pydicom.dcmread(path)
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s

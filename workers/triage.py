@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from db import repo
 from db.models import Instance, InstanceStatus, as_utc, utcnow
 from db.session import session_scope
 from db.worklist_repo import assign_priority
+from infra.objectstore import ObjectStoreError, open_object
 from infra.queue import hand_over_result
 from workers import results
 from workers.ensemble import EnsembleOutput, EnsembleProvider
@@ -42,6 +42,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     BrokerOperationalError,  # broker unreachable
     ConnectionError,
     TimeoutError,
+    ObjectStoreError,  # the object store holding the spool (CXR_SPOOL_URL) unreachable or refusing
 )
 REASON_LIMIT = 500
 DECODE_THREADS = 4
@@ -87,14 +88,14 @@ class Claimed:
     """What a worker read off an instance it holds."""
 
     instance_id: int
-    path: Path
+    ref: str  # the spooled file's path or s3:// URL (infra/objectstore.py)
     sop_uid: str
     queued_at: Any
     content: str  # its sha256: a corrected re-send replaces it; what this run read must still be current
 
     @classmethod
     def of(cls, instance: Instance) -> Claimed:
-        return cls(instance.id, Path(instance.path), instance.sop_instance_uid, instance.queued_at, instance.sha256)
+        return cls(instance.id, instance.path, instance.sop_instance_uid, instance.queued_at, instance.sha256)
 
 
 def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProvider) -> TriageOutcome:
@@ -155,7 +156,7 @@ def triage_claimed(settings: Settings, claims: list[Claimed], provider: Ensemble
         ds: Dataset | None = None
         try:
             started = time.perf_counter()
-            ds = read_dataset(claim.path)
+            ds = read_dataset(open_object(settings, claim.ref))
             inputs = {
                 size: normalise(decode_dicom(ds, size, max_pixels=settings.max_decoded_pixels).pixels)[None]
                 for size in sorted(ensemble.input_sizes)

@@ -17,6 +17,7 @@ from db.models import ResultObject, Study, utcnow
 from db.session import session_scope
 from db.worklist_repo import set_read as store_read
 from db.worklist_repo import set_user_priority as store_user_priority
+from infra.objectstore import open_object, read_object
 from worklist.auth import AuthUser, revoke_token
 from worklist.deps import current_user, database_url, request_settings, request_token, sign_in
 from worklist.queries import Filters, list_worklist, study_detail
@@ -169,9 +170,9 @@ def _result_path(request: Request, sop_instance_uid: str, *, image: bool = False
 )
 def result_object(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
     """The DICOM file of a result object we wrote (SR or heatmap Secondary Capture)."""
-    path = _result_path(request, sop_instance_uid)
+    ref = _result_path(request, sop_instance_uid)
     try:
-        data = open(path, "rb").read()  # noqa: SIM115
+        data = read_object(request_settings(request), ref)
     except OSError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object") from exc
     headers = {"Content-Disposition": f'attachment; filename="{sop_instance_uid}.dcm"'}
@@ -191,9 +192,9 @@ def image_preview(sop_instance_uid: ResultUID, request: Request, user: AuthUser 
     import pydicom
     from PIL import Image
 
-    path = _result_path(request, sop_instance_uid, image=True)
+    ref = _result_path(request, sop_instance_uid, image=True)
     try:
-        pixels = pydicom.dcmread(path).pixel_array
+        pixels = pydicom.dcmread(open_object(request_settings(request), ref)).pixel_array
     except Exception as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object") from exc
     buffer = io.BytesIO()
