@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl; do
+# docker-compose and systemd-analyze: tests/test_deploy_manifests.py validates deploy/ with them (no Docker engine
+# is needed for `docker-compose config`).
+for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl docker-compose:docker-compose \
+    systemd-analyze:systemd; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if [ "${1:-}" = "--with-services" ]; then
