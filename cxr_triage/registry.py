@@ -4,6 +4,8 @@ Layout under `models_dir`:
     versions/<version>/card.json, model.safetensors (and the evaluation report, written by training/)
     ensembles/<name>.json        {"name", "members": [version, ...], "created_at", "note"}
     promoted.json                {"ensemble": name, "promoted_at", "history": [...]}
+    shadow.json                  {"ensemble": name or null, "started_at", "history": [...]}: the candidate that runs
+                                 on live traffic beside the promoted one, its predictions stored, never used
 Pointer updates are atomic (temporary file + rename), so a reader never sees half a file.
 """
 
@@ -23,6 +25,7 @@ from cxr_triage.pixels import NORMALISATIONS, PREPROCESSING_VERSION
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
 PROMOTED_FILE = "promoted.json"
+SHADOW_FILE = "shadow.json"
 
 
 class RegistryError(Exception):
@@ -256,11 +259,12 @@ class Registry:
     def prune_weights(self) -> list[str]:
         """Delete the weights of every version outside the promoted ensemble and its rollback target.
 
-        Cards, reports and split records stay (rejected and retired versions remain documented); returns the
+        The shadow set's weights are kept too. Cards, reports and split records stay (rejected and retired versions
+        remain documented); returns the
         versions whose weights were removed.
         """
         keep: set[str] = set()
-        for name in (self.promoted_name(), self.rollback_target()):
+        for name in (self.promoted_name(), self.rollback_target(), self.shadow_name()):
             if name:
                 keep.update(self.ensemble(name).members)
         removed = []
@@ -274,4 +278,73 @@ class Registry:
     def promoted_stamp(self) -> float:
         """Modification time of the pointer (0 when absent): cheap to poll between tasks."""
         path = self.root / PROMOTED_FILE
+        return path.stat().st_mtime_ns / 1e9 if path.is_file() else 0.0
+
+    # --- shadow --------------------------------------------------------------------------------
+    def _shadow_payload(self) -> dict[str, Any]:
+        path = self.root / SHADOW_FILE
+        return json.loads(path.read_text()) if path.is_file() else {"ensemble": None, "history": []}
+
+    def shadow_name(self) -> str | None:
+        """The ensemble running in shadow mode, if any."""
+        name = self._shadow_payload().get("ensemble")
+        return str(name) if name else None
+
+    def shadow_started_at(self) -> str | None:
+        return self._shadow_payload().get("started_at") if self.shadow_name() else None
+
+    def shadow_history(self) -> list[dict[str, Any]]:
+        return list(self._shadow_payload().get("history", []))
+
+    def start_shadow(self, name: str, *, verify: Callable[[EnsembleSpec], object] | None = None) -> None:
+        """Run ensemble `name` in shadow mode from now on (replacing any other shadow set).
+
+        Refused for the promoted set (its predictions are already the live ones) and, with `verify`, for a set that
+        does not load.
+        """
+        spec = self.ensemble(name)
+        if name == self.promoted_name():
+            raise RegistryError(f"ensemble {name!r} is the promoted set; shadow mode is for a candidate")
+        for member in spec.members:
+            self.weights(member)
+        if verify is not None:
+            try:
+                verify(spec)
+            except Exception as exc:
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+                raise RegistryError(f"ensemble {name!r} does not load, shadow mode refused: {detail}") from exc
+        payload = self._shadow_payload()
+        history = self._closed(payload)
+        history.append({"ensemble": name, "started_at": _now(), "stopped_at": None})
+        write_json_atomic(self.root / SHADOW_FILE, {"ensemble": name, "started_at": _now(), "history": history})
+
+    def stop_shadow(self) -> str | None:
+        """End shadow mode; returns the set that was running (None if none was)."""
+        payload = self._shadow_payload()
+        name = payload.get("ensemble")
+        if not name:
+            return None
+        write_json_atomic(self.root / SHADOW_FILE, {"ensemble": None, "history": self._closed(payload)})
+        return str(name)
+
+    @staticmethod
+    def _closed(payload: dict[str, Any]) -> list[dict[str, Any]]:
+        history = [dict(h) for h in payload.get("history", [])]
+        if history and history[-1].get("stopped_at") is None:
+            history[-1]["stopped_at"] = _now()
+        return history
+
+    def write_shadow_report(self, name: str, report: dict[str, Any]) -> Path:
+        """Keep the latest shadow report of set `name` (models/shadow/<name>.json), where the gate reads it."""
+        path = self.root / "shadow" / f"{name}.json"
+        write_json_atomic(path, {"written_at": _now(), **report})
+        return path
+
+    def shadow_report(self, name: str) -> dict[str, Any] | None:
+        path = self.root / "shadow" / f"{name}.json"
+        return dict(json.loads(path.read_text())) if path.is_file() else None
+
+    def shadow_stamp(self) -> float:
+        """Modification time of the shadow pointer (0 when absent)."""
+        path = self.root / SHADOW_FILE
         return path.stat().st_mtime_ns / 1e9 if path.is_file() else 0.0

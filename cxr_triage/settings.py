@@ -140,6 +140,22 @@ class Settings(BaseSettings):
         "other queued instances and runs each member once for all of them (their own messages then find them done). "
         "Pays off with a backend that gains from batches (bench/inference: openvino, onnx).",
     )
+    cuda_batch_size: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="On CUDA, the most instances a worker triages in one pass (claimed as with triage_batch_size, "
+        "which applies on the CPU); fewer when 80% of the device's free memory holds fewer at the model set's peak "
+        "cost per image, measured when the set loads. A larger pass raises throughput under a burst and the wait "
+        "for its first result (all of a pass are decoded before inference). bench/inference --device cuda.",
+    )
+    inference_autocast: Literal["auto", "off", "bf16"] = Field(
+        "auto",
+        description="Precision of the PyTorch backends: auto = bf16 autocast on a CUDA GPU with native bf16 (compute "
+        "capability 8.0 on), fp32 elsewhere; off = fp32 everywhere; bf16 = bf16 autocast on the CPU too (emulated "
+        "there: slow, for checks). Probabilities and the OOD distance are computed in fp32 after the network. bf16 "
+        "moves a trained member's outputs (README: GPU inference): evaluate a set at the precision it serves at.",
+    )
     inference_backend: Literal["eager", "channels-last", "onnx", "openvino"] = Field(
         "eager",
         description="How the members run: eager PyTorch, PyTorch in the channels-last layout, or their ONNX export "

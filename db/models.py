@@ -105,21 +105,25 @@ class Prediction(Base):
     """The ensemble's output for one instance and one model set; one current (not superseded) per pair."""
 
     __tablename__ = "predictions"
-    # One current prediction per (instance, model set); a corrected re-send supersedes the earlier ones.
+    # One current prediction per (instance, model set, role); a corrected re-send supersedes the earlier ones.
     __table_args__ = (
         Index(
             "uq_prediction_current",
             "instance_id",
             "model_set",
+            "role",
             unique=True,
             sqlite_where=text("superseded_at IS NULL"),
             postgresql_where=text("superseded_at IS NULL"),
         ),
+        Index("ix_predictions_role_model_set", "role", "model_set"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     model_set: Mapped[str] = mapped_column(String(100))
+    # live: the promoted set's (priority, results, worklist); shadow: a candidate's, stored for comparison only.
+    role: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
     model_versions: Mapped[list[str]] = mapped_column(JSON)
     label: Mapped[str] = mapped_column(String(32))
     probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
@@ -138,6 +142,11 @@ class Prediction(Base):
     superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")
+
+
+class PredictionRole(StrEnum):
+    LIVE = "live"
+    SHADOW = "shadow"
 
 
 class ResultStatus(StrEnum):

@@ -16,6 +16,7 @@ from db.models import (
     InstanceEvent,
     InstanceStatus,
     Prediction,
+    PredictionRole,
     ResultObject,
     ResultStatus,
     Study,
@@ -236,13 +237,16 @@ class PredictionRecord:
     ood_score: float | None = None
     out_of_distribution: bool | None = None
     operating_point: dict[str, float] | None = None
+    role: str = PredictionRole.LIVE
 
 
 def save_prediction(session: Session, instance: Instance, record: PredictionRecord) -> Prediction:
-    """Store the prediction (idempotent per instance and model set) and mark the instance done."""
+    """Store the prediction (idempotent per instance, model set and role); a live one marks the instance done, a
+    shadow one changes nothing else."""
     current = (
         Prediction.instance_id == instance.id,
         Prediction.model_set == record.model_set,
+        Prediction.role == record.role,
         Prediction.superseded_at.is_(None),
     )
     existing = session.scalar(select(Prediction).where(*current))
@@ -253,7 +257,8 @@ def save_prediction(session: Session, instance: Instance, record: PredictionReco
                 session.add(existing)
         except IntegrityError:
             existing = session.scalars(select(Prediction).where(*current)).one()
-    set_status(session, instance, InstanceStatus.DONE, f"label {record.label}")
+    if record.role == PredictionRole.LIVE:
+        set_status(session, instance, InstanceStatus.DONE, f"label {record.label}")
     return existing
 
 

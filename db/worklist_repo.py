@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from cxr_triage.logs import get_logger
 from cxr_triage.priority import RANK, ROUTINE, Rules, as_priority, becomes_unread, effective_priority, evaluate
 from cxr_triage.settings import Settings
-from db.models import Instance, Prediction, Study, utcnow
+from db.models import Instance, Prediction, PredictionRole, Study, utcnow
 from db.worklist_models import PriorityAssignment, WorklistEntry
 
 log = get_logger(__name__)
@@ -28,7 +28,7 @@ def assign_priority(session: Session, instance_id: int, settings: Settings) -> W
     study = session.get(Study, instance.study_id, with_for_update=True)  # one study's entries change one at a time
     prediction = session.scalars(
         select(Prediction)
-        .where(Prediction.instance_id == instance_id)
+        .where(Prediction.instance_id == instance_id, Prediction.role == PredictionRole.LIVE)
         .order_by(Prediction.created_at.desc(), Prediction.id.desc())
     ).first()
     if study is None or prediction is None:

@@ -18,6 +18,7 @@ from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.logs import configure_logging, get_logger
 from cxr_triage.registry import Registry, RegistryError
 from cxr_triage.settings import get_settings
+from service.shadow_cli import shadow_app
 from worklist.cli import serve as serve_api
 from worklist.cli import users_app
 
@@ -28,6 +29,7 @@ sr_app = typer.Typer(help="Structured Reports we wrote.")
 app.add_typer(sr_app, name="sr")
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+models_app.add_typer(shadow_app, name="shadow")
 spool_app = typer.Typer(help="The spool of received instances.")
 app.add_typer(spool_app, name="spool")
 app.add_typer(users_app, name="users")

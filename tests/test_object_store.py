@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import threading
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -100,7 +101,8 @@ def test_reads_and_deletes_through_refs(s3_server: S3Server, tmp_path: Path) -> 
     settings = _settings(s3_server, tmp_path)
     location = S3Location.parse(f"s3://{s3_server.bucket}/site-a/results/1.2/1.2.3.dcm")
     ref = objectstore.put(settings, location, b"sr", _sha(b"sr")).ref
-    assert objectstore.open_object(settings, ref).read() == b"sr"
+    opened = objectstore.open_object(settings, ref)
+    assert isinstance(opened, BytesIO) and opened.read() == b"sr"
     assert objectstore.delete_object(settings, ref) == 2
     assert objectstore.delete_object(settings, ref) == 0
     with pytest.raises(FileNotFoundError):

@@ -302,6 +302,11 @@ def gate(
     bootstrap: int = N_BOOT,
     promote: bool = True,
     threads: int = 2,
+    require_shadow: int = typer.Option(
+        0,
+        help="Refuse promotion before the candidate has run in shadow mode on this many live cases (0 = no shadow "
+        "period); reads the latest `cxr-triage models shadow report` from the registry and records it.",
+    ),
 ) -> None:
     """Promotion gate on the locked test split: promote ENSEMBLE_NAME only if it passes; the decision is recorded."""
     from training.gate import GateConfig, run_gate
@@ -311,7 +316,9 @@ def gate(
     from training.dataset import SplitLeakError
 
     try:
-        decision = run_gate(out, ensemble_name, split_csv, config, promote=promote, threads=threads)
+        decision = run_gate(
+            out, ensemble_name, split_csv, config, promote=promote, threads=threads, require_shadow=require_shadow
+        )
     except SplitLeakError as exc:
         typer.echo(f"refused: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -13,7 +13,7 @@ Rules (all on the same locked test split):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,12 @@ def run_gate(
     *,
     promote: bool = True,
     threads: int = 2,
+    require_shadow: int = 0,
 ) -> GateDecision:
     """Evaluate candidate and promoted ensembles on the locked test split, decide, record, and promote if accepted.
+
+    With `require_shadow` N, the candidate must also have run in shadow mode on at least N live cases, as the latest
+    shadow report in the registry says (`cxr-triage models shadow report`); that report is recorded with the decision.
 
     Both sets are scored as they run in the service (weights, temperature, operating point). Every test image is
     checked by hash against every member's training and validation split first (`evaluate.check_unseen`).
@@ -202,6 +206,8 @@ def run_gate(
         y, candidate, df["source"].to_numpy(), groups, n_boot=config.n_boot, seed=config.seed
     )
     decision.metrics["operating_point"] = candidate_spec.operating_point or None
+    if require_shadow:
+        decision = shadow_requirement(registry, decision, require_shadow)
     decision = GateDecision(**{**asdict(decision), "split_manifest_sha256": sha256_file(Path(split_csv))})
     record_decision(registry, decision)
     if decision.accepted and promote:
@@ -210,7 +216,6 @@ def run_gate(
         extend_lock(
             registry.root / LOCKED_SPLIT_FILE, [registry.version_dir(m) / "split.csv" for m in candidate_spec.members]
         )
-    from dataclasses import replace
 
     in_service = set(promoted_spec.members) if promoted_spec is not None else set()
     for version in candidate_spec.members:
@@ -220,6 +225,22 @@ def run_gate(
         elif not decision.accepted and card.status == "candidate" and version not in in_service:
             registry.write_card(replace(card, status="rejected"))
     return decision
+
+
+def shadow_requirement(registry: Registry, decision: GateDecision, required: int) -> GateDecision:
+    """Refuse a candidate with fewer than `required` live shadow cases; record the shadow report it was judged by."""
+    report = registry.shadow_report(decision.candidate)
+    cases = int(report.get("cases", 0)) if report and report.get("shadow_set") == decision.candidate else 0
+    metrics = {**decision.metrics, "shadow": report, "shadow_required": required}
+    if cases >= required:
+        reason = (
+            f"shadow period: {cases} live cases >= {required} required (report of {report and report['written_at']})"
+        )
+        return replace(decision, reasons=[*decision.reasons, reason], metrics=metrics)
+    reason = f"shadow period: {cases} live cases < {required} required" + (
+        "" if report else "; no shadow report (run `cxr-triage models shadow start` then `... shadow report`)"
+    )
+    return replace(decision, accepted=False, reasons=[*decision.reasons, reason], metrics=metrics)
 
 
 def record_decision(registry: Registry, decision: GateDecision) -> Path:

@@ -1,9 +1,14 @@
 """How a member network runs: eager PyTorch (as loaded, or in the channels-last layout), or its ONNX export run by
 ONNX Runtime or OpenVINO (CPU, full fp32 precision).
 
-Both give the logits and, for the member the OOD detector reads, its pooled features; `tests/test_inference_backends.py`
-checks they agree within a tolerance. Grad-CAM always uses the PyTorch model (it needs gradients). Choose with
-`CXR_INFERENCE_BACKEND`; `python -m bench.inference` compares them.
+All give float32 logits and, for the member the OOD detector reads, its pooled features;
+`tests/test_inference_backends.py` checks they agree within a tolerance. Grad-CAM always uses the PyTorch model (it
+needs gradients). Choose with `CXR_INFERENCE_BACKEND`; `python -m bench.inference` compares them.
+
+On CUDA the PyTorch backends are the GPU path: the model in the channels-last layout, bf16 autocast (`autocast="auto"`,
+on GPUs with native bf16; the logits are cast back to float32 before any softmax or temperature), inputs staged in
+pinned host memory (`to_device`). `autocast="bf16"` runs the same path on the CPU (tests, `bench.inference --autocast
+bf16`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from cxr_triage.logs import get_logger
 log = get_logger(__name__)
 
 Backend = Literal["eager", "channels-last", "onnx", "openvino"]
+Autocast = Literal["auto", "off", "bf16"]  # auto: bf16 on CUDA (autocast_dtype), off (fp32) on the CPU
 ONNX_OPSET = 17
 
 
@@ -43,22 +49,59 @@ class FeaturesAndLogits(nn.Module):
         return self.model.get_classifier()(pooled), pooled
 
 
-class EagerRunner:
-    """PyTorch; with `channels_last` the model and its input use that layout (oneDNN's faster convolutions on CPU)."""
+def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | None:
+    """The dtype the PyTorch backends autocast to on `device`; None = none (fp32). `auto` is bf16 on a GPU that
+    computes it natively (compute capability 8.0 on: A100, L4, H100, H200, ...) and fp32 elsewhere, where bf16 would
+    be emulated, slower than fp32."""
+    if autocast == "bf16":
+        return torch.bfloat16
+    if autocast == "auto":
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else None
+    if autocast == "off":
+        return None
+    raise ValueError(f"unknown autocast {autocast!r}; known: auto, off, bf16")
 
-    def __init__(self, model: nn.Module, device: torch.device, *, features: bool, channels_last: bool = False) -> None:
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`batch` on `device`; towards CUDA it is staged in pinned (page-locked) host memory and copied asynchronously
+    (the copy is ordered before the kernels that read it on the same stream)."""
+    if device.type != "cuda" or batch.device.type != "cpu":
+        return batch.to(device)  # CPU to CPU, or already on a GPU: nothing to stage
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
+class EagerRunner:
+    """PyTorch; with `channels_last` the model and its input use that layout (oneDNN's faster convolutions on CPU,
+    cuDNN's tensor-core ones on CUDA, where it is always used). `autocast`: the forward pass runs under
+    `torch.autocast` to that dtype (None: fp32); the outputs are float32 either way."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        *,
+        features: bool,
+        channels_last: bool = False,
+        autocast: torch.dtype | None = None,
+    ) -> None:
         self.device = device
-        self.channels_last = channels_last
+        self.channels_last = channels_last or device.type == "cuda"
         self.model: Any = model.to(memory_format=torch.channels_last) if self.channels_last else model
         self.features = features
+        self.autocast = autocast
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+        x = to_device(batch, self.device)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             if self.features:
                 pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-                return self.model.get_classifier()(pooled), pooled
-            return self.model(x), None
+                logits = self.model.get_classifier()(pooled)
+            else:
+                logits, pooled = self.model(x), None
+        # Out of the autocast region: softmax, temperature and the OOD distance work on float32.
+        return logits.float(), pooled.float() if pooled is not None else None
 
 
 class OnnxRunner:
@@ -148,14 +191,18 @@ def make_runner(
     key: str | Callable[[], str],
     input_size: int,
     cache_dir: Path,
+    autocast: Autocast = "auto",
 ) -> Runner:
     """`key` names the ONNX export in `cache_dir`; a callable is only called by the backends that export (so that
-    eager loading does not hash the weights)."""
+    eager loading does not hash the weights). `autocast` applies to the PyTorch backends (the exports run fp32)."""
+    dtype = autocast_dtype(autocast, device)
     if backend in ("eager", "channels-last"):
-        return EagerRunner(model, device, features=features, channels_last=backend == "channels-last")
+        return EagerRunner(model, device, features=features, channels_last=backend == "channels-last", autocast=dtype)
     if backend in ("onnx", "openvino"):
         if device.type != "cpu":
             raise ValueError(f"the {backend} backend runs on the CPU; use eager on CUDA")
+        if dtype is not None:
+            raise ValueError(f"the {backend} backend runs at fp32; autocast {autocast} is for the PyTorch backends")
         runner = OnnxRunner if backend == "onnx" else OpenVinoRunner
         name = key() if callable(key) else key
         return runner(model, key=name, input_size=input_size, cache_dir=cache_dir, features=features)

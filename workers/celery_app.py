@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from celery import Celery
+from celery.exceptions import WorkerShutdown
 from celery.schedules import crontab
 from celery.signals import setup_logging, worker_init, worker_process_init
 
@@ -36,6 +38,15 @@ def _setup_logging(**_: Any) -> None:
 @worker_init.connect
 def _init_worker(**_: Any) -> None:
     remove_legacy_bindings(get_settings())
+    # `cuda` on a host without a usable GPU stops the worker now (exit 1), not at its first task. PyTorch asks NVML,
+    # which does not initialise CUDA in the parent process that the pool forks from.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from workers.ensemble import DeviceUnavailable, pick_device
+
+    try:
+        pick_device(get_settings().device)
+    except (DeviceUnavailable, ValueError) as exc:
+        raise WorkerShutdown(str(exc)) from exc
 
 
 @worker_process_init.connect

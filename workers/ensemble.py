@@ -1,14 +1,19 @@
-"""The ensemble runner: loads the promoted model set once per process, reloads it on a new promotion."""
+"""The ensemble runner: loads the promoted model set once per process, reloads it on a new promotion.
+
+Device (`CXR_DEVICE`): `pick_device`; on CUDA the members run bf16 autocast in channels-last (workers/backends.py) and
+a worker's pass is sized to the device (`EnsembleProvider.claim_batch_size`, `device_batch_size`).
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,15 +25,49 @@ from cxr_triage.logs import get_logger
 from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import PREPROCESSING_VERSION
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
-from workers.backends import Backend, EagerRunner, Runner, make_runner, weights_key
+from cxr_triage.settings import Settings
+from workers.backends import Autocast, Backend, EagerRunner, Runner, autocast_dtype, make_runner, to_device, weights_key
 
 log = get_logger(__name__)
 
+# Share of the device's free memory a worker's pass may take (the rest: fragmentation, other processes, growth).
+DEVICE_MEMORY_HEADROOM = 0.8
+
+
+class DeviceUnavailable(RuntimeError):
+    """CXR_DEVICE names a GPU this process cannot use: the worker stops rather than triage on the CPU unnoticed."""
+
 
 def pick_device(requested: str) -> torch.device:
+    """CXR_DEVICE: `auto` = the first CUDA device when PyTorch sees one, else the CPU; `cpu`; `cuda` or `cuda:N`,
+    which raise DeviceUnavailable when that device is not there."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"CXR_DEVICE must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"CXR_DEVICE={requested} but PyTorch sees no CUDA device (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}): check the driver, the GPU's visibility to this process "
+            "(CUDA_VISIBLE_DEVICES, the container runtime) and the PyTorch build, or set CXR_DEVICE=cpu or auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(
+            f"CXR_DEVICE={requested} but PyTorch sees {torch.cuda.device_count()} CUDA device(s) (0-based)"
+        )
+    return device
+
+
+def device_batch_size(*, free_bytes: int, image_bytes: int, cap: int) -> int:
+    """Instances one pass may hold on a GPU: as many as DEVICE_MEMORY_HEADROOM of `free_bytes` holds at
+    `image_bytes` each (the set's measured peak cost per image), at most `cap`, at least 1."""
+    if image_bytes <= 0:
+        return max(1, cap)
+    return max(1, min(cap, int(free_bytes * DEVICE_MEMORY_HEADROOM) // image_bytes))
 
 
 @dataclass
@@ -58,6 +97,7 @@ class Ensemble:
         *,
         spec: EnsembleSpec | None = None,
         detector: MahalanobisDetector | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -67,6 +107,15 @@ class Ensemble:
         self.spec = spec or EnsembleSpec(name=name, members=tuple(m.card.version for m in members))
         self.detector = detector
         self.ood_member = self.spec.ood.get("member") if detector is not None else None
+        self.autocast = autocast  # what the members' PyTorch runners autocast to (None: fp32)
+        self.image_bytes: int | None = None  # peak device memory per image in predict_batch (CUDA; measure_image_bytes)
+
+    @property
+    def precision(self) -> str:
+        """What the members compute in: fp32, or the autocast dtype (bf16)."""
+        if self.autocast is None:
+            return "fp32"
+        return "bf16" if self.autocast == torch.bfloat16 else str(self.autocast).removeprefix("torch.")
 
     @property
     def operating_point(self) -> OperatingPoint:
@@ -92,24 +141,27 @@ class Ensemble:
         Probabilities combine as the spec says (weights, temperature: `cxr_triage.ensembling.combine`); the label
         follows its operating point; the OOD member's pooled features are scored by the detector.
         """
-        per_member: dict[str, torch.Tensor] = {}
+        staged = {size: to_device(batch, self.device) for size, batch in inputs.items()}  # once per size
+        member_probs: list[torch.Tensor] = []
         scores: torch.Tensor | None = None
         for member in self.members:
-            batch = inputs[member.card.input_size].to(self.device)
+            batch = staged[member.card.input_size]
             model: Any = member.model
             n = batch.shape[0]
             if "hflip" in self.spec.tta:
                 batch = torch.cat([batch, batch.flip(-1)])  # image and mirror image in one forward pass
             wants_features = member.card.version == self.ood_member and self.detector is not None
-            runner = member.runner or EagerRunner(model, self.device, features=wants_features)
+            runner = member.runner or EagerRunner(model, self.device, features=wants_features, autocast=self.autocast)
             logits, pooled = runner(batch)
             if wants_features and pooled is not None and self.detector is not None:
                 scores = self.detector.score(pooled[:n].float().cpu())  # the image as sent, not its mirror
-            member_probs = torch.softmax(logits.float(), dim=1)
+            softmax = torch.softmax(logits.float(), dim=1)
             if "hflip" in self.spec.tta:
-                member_probs = (member_probs[:n] + member_probs[n:]) / 2
-            per_member[member.card.version] = member_probs.cpu()
-        stacked = torch.stack(list(per_member.values())).double().numpy()
+                softmax = (softmax[:n] + softmax[n:]) / 2
+            member_probs.append(softmax)
+        stacked_t = torch.stack(member_probs).double().cpu()  # one copy back (and one wait) for the whole pass
+        per_member = dict(zip(self.versions, stacked_t, strict=True))
+        stacked = stacked_t.numpy()
         combined = combine(stacked, self.spec.weights, self.spec.temperature)
         labels = labels_at(combined, self.operating_point)
         outputs = []
@@ -141,8 +193,11 @@ def load_ensemble(
     *,
     backend: Backend = "eager",
     cache_dir: Path | None = None,
+    autocast: Autocast = "auto",
 ) -> Ensemble:
-    """The named set, each member with a runner of `backend` (ONNX exports are cached in `cache_dir`)."""
+    """The named set, each member with a runner of `backend` (ONNX exports are cached in `cache_dir`), moved to
+    `device` once here. `autocast`: see workers/backends.py (auto: bf16 on CUDA, fp32 on the CPU). On CUDA a first
+    pass on blank images warms the device up and measures the memory an image costs (`measure_image_bytes`)."""
     spec = registry.ensemble(name)
     ood_member = spec.ood.get("member") if spec.ood else None
     members = []
@@ -163,11 +218,36 @@ def load_ensemble(
             key=functools.partial(weights_key, version, weights),
             input_size=card.input_size,
             cache_dir=cache_dir or Path(tempfile.gettempdir()) / "cxr-triage-onnx",
+            autocast=autocast,
         )
         members.append(Member(card, model, runner))
     ood_file = registry.ood_file(spec)
     detector = MahalanobisDetector.load(ood_file) if ood_file is not None else None
-    return Ensemble(name, members, device, spec=spec, detector=detector)
+    dtype = autocast_dtype(autocast, device)
+    ensemble = Ensemble(name, members, device, spec=spec, detector=detector, autocast=dtype)
+    if device.type == "cuda":
+        ensemble.image_bytes = measure_image_bytes(ensemble)
+    return ensemble
+
+
+def measure_image_bytes(ensemble: Ensemble, *, probe: int = 8) -> int:
+    """Peak CUDA memory per image of one `predict_batch` of `probe` blank images, above what the weights hold
+    (activations, test-time augmentation and cuDNN workspace; the fixed part divided by `probe` makes it an
+    overestimate, on the safe side)."""
+    device = ensemble.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ensemble.predict_batch({size: torch.zeros(probe, 3, size, size) for size in ensemble.input_sizes})
+    torch.cuda.synchronize(device)
+    return max(1, math.ceil((torch.cuda.max_memory_allocated(device) - before) / probe))
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Memory a pass can still get on a CUDA device: free on the device, plus what PyTorch's caching allocator holds
+    unused."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 class EnsembleProvider:
@@ -186,12 +266,16 @@ class EnsembleProvider:
         poll_s: float = 5.0,
         backend: Backend = "eager",
         cache_dir: Path | None = None,
+        autocast: Autocast = "auto",
+        pointer: Literal["promoted", "shadow"] = "promoted",
     ) -> None:
         self.registry = registry
-        self.device = pick_device(device)
+        self.pointer = pointer  # which registry pointer this provider serves: the promoted set, or the shadow set
+        self.device = pick_device(device)  # raises now, at start-up, for a GPU that is not there
         self.poll_s = poll_s
         self.backend: Backend = backend
         self.cache_dir = cache_dir
+        self.autocast: Autocast = autocast
         self._ensemble: Ensemble | None = None
         self._stamp = -1.0
         self._checked = 0.0
@@ -203,30 +287,50 @@ class EnsembleProvider:
         """Why the currently promoted set is not the one served (None when it is, or none is promoted)."""
         return self._refusal
 
+    def claim_batch_size(self, settings: Settings) -> int:
+        """How many instances a worker triages in one pass: CXR_TRIAGE_BATCH_SIZE on the CPU; on CUDA as many as the
+        device's free memory holds at the loaded set's cost per image, at most CXR_CUDA_BATCH_SIZE."""
+        if self.device.type != "cuda":
+            return settings.triage_batch_size
+        ensemble = self.current()
+        if ensemble is None or ensemble.image_bytes is None:
+            return settings.triage_batch_size  # nothing loaded: nothing to triage with either
+        return device_batch_size(
+            free_bytes=free_device_bytes(self.device), image_bytes=ensemble.image_bytes, cap=settings.cuda_batch_size
+        )
+
     def current(self) -> Ensemble | None:
         with self._lock:
             now = time.monotonic()
             if self._ensemble is not None and now - self._checked < self.poll_s:
                 return self._ensemble
             self._checked = now
-            stamp = self.registry.promoted_stamp()
+            stamp = self.registry.promoted_stamp() if self.pointer == "promoted" else self.registry.shadow_stamp()
             if stamp == self._stamp:
                 return self._ensemble
             self._stamp = stamp  # one load attempt (and at most one refusal logged) per pointer change
             name: str | None = None
             started = time.perf_counter()
             try:
-                name = self.registry.promoted_name()
+                name = self.registry.promoted_name() if self.pointer == "promoted" else self.registry.shadow_name()
                 if name is None:
                     self._ensemble, self._refusal = None, None
                     return None
-                loaded = load_ensemble(self.registry, name, self.device, backend=self.backend, cache_dir=self.cache_dir)
+                loaded = load_ensemble(
+                    self.registry,
+                    name,
+                    self.device,
+                    backend=self.backend,
+                    cache_dir=self.cache_dir,
+                    autocast=self.autocast,
+                )
             except Exception as exc:
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-                what = f"promoted set {name!r}" if name is not None else "the promotion pointer"
+                what = f"{self.pointer} set {name!r}" if name is not None else f"the {self.pointer} pointer"
                 self._refusal = f"{what} does not load: {reason}"
                 log.error(
                     "ensemble.load_refused",
+                    pointer=self.pointer,
                     model_set=name,
                     reason=reason,
                     serving=self._ensemble.name if self._ensemble is not None else None,
@@ -235,9 +339,12 @@ class EnsembleProvider:
             self._ensemble, self._refusal = loaded, None
             log.info(
                 "ensemble.loaded",
+                pointer=self.pointer,
                 model_set=name,
                 versions=loaded.versions,
                 device=str(self.device),
+                precision=loaded.precision,
+                image_bytes=loaded.image_bytes,
                 ms=round((time.perf_counter() - started) * 1000),
             )
             return self._ensemble

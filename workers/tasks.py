@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from celery import Task
@@ -15,22 +15,23 @@ from workers.delivery import Delivery, deliver
 from workers.ensemble import EnsembleProvider
 from workers.triage import TRANSIENT_ERRORS, triage_instance
 
-_provider: EnsembleProvider | None = None
+_providers: dict[str, EnsembleProvider] = {}
 
 
-def provider() -> EnsembleProvider:
-    """The process's ensemble holder (models are loaded once per worker process, not per task)."""
-    global _provider
-    if _provider is None:
+def provider(pointer: Literal["promoted", "shadow"] = "promoted") -> EnsembleProvider:
+    """The process's holder of the promoted (or the shadow) set: loaded once per worker process, not per task."""
+    if pointer not in _providers:
         settings = get_settings()
-        _provider = EnsembleProvider(
+        _providers[pointer] = EnsembleProvider(
             Registry(settings.models_dir),
             device=settings.device,
             poll_s=settings.model_poll_s,
             backend=settings.inference_backend,
             cache_dir=settings.home / "onnx-cache",
+            autocast=settings.inference_autocast,
+            pointer=pointer,
         )
-    return _provider
+    return _providers[pointer]
 
 
 @app.task(
@@ -46,7 +47,7 @@ def triage(self: Task, instance_id: int, sop_instance_uid: str = "", **_: Any) -
     """Triage one instance (idempotent; safe to deliver twice)."""
     structlog.contextvars.bind_contextvars(task_id=self.request.id, sop_instance_uid=sop_instance_uid)
     try:
-        outcome = triage_instance(get_settings(), instance_id, provider())
+        outcome = triage_instance(get_settings(), instance_id, provider(), provider("shadow"))
         return outcome.status
     finally:
         structlog.contextvars.unbind_contextvars("task_id", "sop_instance_uid")

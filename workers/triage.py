@@ -25,13 +25,13 @@ from cxr_triage.logs import get_logger
 from cxr_triage.pixels import PixelDecodeError, decode_dicom, normalise, read_dataset
 from cxr_triage.settings import Settings
 from db import repo
-from db.models import Instance, InstanceStatus, as_utc, utcnow
+from db.models import Instance, InstanceStatus, PredictionRole, as_utc, utcnow
 from db.session import session_scope
 from db.worklist_repo import assign_priority
 from infra.objectstore import ObjectStoreError, open_object
 from infra.queue import hand_over_result
 from workers import results
-from workers.ensemble import EnsembleOutput, EnsembleProvider
+from workers.ensemble import Ensemble, EnsembleOutput, EnsembleProvider
 
 log = get_logger(__name__)
 
@@ -98,21 +98,26 @@ class Claimed:
         return cls(instance.id, instance.path, instance.sop_instance_uid, instance.queued_at, instance.sha256)
 
 
-def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProvider) -> TriageOutcome:
-    """Triage the instance, and with CXR_TRIAGE_BATCH_SIZE > 1 up to that many other queued ones in the same pass
+def triage_instance(
+    settings: Settings, instance_id: int, provider: EnsembleProvider, shadow: EnsembleProvider | None = None
+) -> TriageOutcome:
+    """Triage the instance, and with CXR_TRIAGE_BATCH_SIZE (CPU) or CXR_CUDA_BATCH_SIZE (CUDA, bounded by the device's
+    free memory) > 1 up to that many other queued ones in the same pass
     (one forward pass per member for all of them). Idempotent: a finished instance is left alone, one held by a live
     worker too; a repeated run writes no second prediction. The batch mates' own messages later find them finished.
-    Returns this instance's outcome (or "duplicate" when another worker had it)."""
+    Returns this instance's outcome (or "duplicate" when another worker had it). With `shadow` serving a set in shadow
+    mode, that set runs on the same decoded images after the live results are stored and handed over (`run_shadow`)."""
     url = settings.effective_database_url
     silent_before = repo.stale_cutoff(settings.heartbeat_timeout_s)
     with session_scope(url) as session:
         first = repo.claim(session, instance_id, silent_before=silent_before, max_attempts=settings.task_max_attempts)
         claims = [Claimed.of(first)] if first is not None else []
-    if settings.triage_batch_size > 1:
+    batch_size = provider.claim_batch_size(settings)
+    if batch_size > 1:
         with session_scope(url) as session:
             mates = repo.claim_queued(
                 session,
-                limit=settings.triage_batch_size - len(claims),
+                limit=batch_size - len(claims),
                 exclude=instance_id,
                 silent_before=silent_before,
                 max_attempts=settings.task_max_attempts,
@@ -121,7 +126,7 @@ def triage_instance(settings: Settings, instance_id: int, provider: EnsembleProv
     if not claims:
         return TriageOutcome("duplicate", "already finished, held by a live worker, or unknown")
     with Heartbeat(url, [c.instance_id for c in claims], settings.heartbeat_s):
-        outcomes = triage_claimed(settings, claims, provider)
+        outcomes = triage_claimed(settings, claims, provider, shadow)
     return outcomes.get(instance_id, TriageOutcome("duplicate", "already finished, held by a live worker"))
 
 
@@ -134,7 +139,9 @@ class _Decoded:
     bound: Any
 
 
-def triage_claimed(settings: Settings, claims: list[Claimed], provider: EnsembleProvider) -> dict[int, TriageOutcome]:
+def triage_claimed(
+    settings: Settings, claims: list[Claimed], provider: EnsembleProvider, shadow: EnsembleProvider | None = None
+) -> dict[int, TriageOutcome]:
     """Triage instances this worker holds: decode (in threads), one ensemble pass for all, result objects, then the
     predictions, priorities and result rows of all in one transaction. An instance that cannot be decoded, or whose
     storing fails, ends `failed` alone; transient errors propagate (the task retries)."""
@@ -150,6 +157,10 @@ def triage_claimed(settings: Settings, claims: list[Claimed], provider: Ensemble
                 repo.set_status(session, inst, InstanceStatus.AWAITING_MODEL, reason)
         log.info("triage.awaiting_model", reason=reason, count=len(claims))
         return {c.instance_id: TriageOutcome(InstanceStatus.AWAITING_MODEL, reason) for c in claims}
+    shadow_set = shadow.current() if shadow is not None else None
+    if shadow_set is not None and shadow_set.name == ensemble.name:
+        shadow_set = None  # the candidate was promoted meanwhile: its predictions are the live ones now
+    sizes = sorted(ensemble.input_sizes | (shadow_set.input_sizes if shadow_set is not None else set()))
 
     def decode(claim: Claimed) -> _Decoded | TriageOutcome:
         bound = log.bind(sop_instance_uid=claim.sop_uid)
@@ -159,7 +170,7 @@ def triage_claimed(settings: Settings, claims: list[Claimed], provider: Ensemble
             ds = read_dataset(open_object(settings, claim.ref))
             inputs = {
                 size: normalise(decode_dicom(ds, size, max_pixels=settings.max_decoded_pixels).pixels)[None]
-                for size in sorted(ensemble.input_sizes)
+                for size in sizes
             }
             return _Decoded(claim, ds, inputs, (time.perf_counter() - started) * 1000, bound)
         except TRANSIENT_ERRORS:
@@ -270,7 +281,55 @@ def triage_claimed(settings: Settings, claims: list[Claimed], provider: Ensemble
             results=[obj.kind for obj in objects],
         )
         outcomes[d.claim.instance_id] = TriageOutcome(InstanceStatus.DONE, output.label)
+    if shadow_set is not None:
+        done = [d for d in decoded if outcomes.get(d.claim.instance_id, TriageOutcome("", "")).status == "done"]
+        run_shadow(settings, shadow_set, done)
     return outcomes
+
+
+def run_shadow(settings: Settings, ensemble: Ensemble, decoded: list[_Decoded]) -> int:
+    """Run the shadow set on images whose live triage is stored, and store its predictions (role shadow) in one
+    transaction. They set no status or priority, build no result object and are never sent; a failure here is logged
+    and changes nothing of the live triage. Returns how many were stored."""
+    if not decoded:
+        return 0
+    try:
+        started = time.perf_counter()
+        outputs = ensemble.predict_batch(
+            {size: torch.cat([d.inputs[size] for d in decoded]) for size in ensemble.input_sizes}
+        )
+        inference_ms = (time.perf_counter() - started) * 1000 / len(decoded)
+        with session_scope(settings.effective_database_url) as session:
+            for d, output in zip(decoded, outputs, strict=True):
+                inst = session.get(Instance, d.claim.instance_id)
+                if inst is None or inst.sha256 != d.claim.content:
+                    continue
+                repo.save_prediction(
+                    session,
+                    inst,
+                    repo.PredictionRecord(
+                        model_set=ensemble.name,
+                        model_versions=ensemble.versions,
+                        label=output.label,
+                        probabilities=output.probabilities,
+                        member_probabilities=output.member_probabilities,
+                        queue_wait_ms=None,
+                        decode_ms=d.decode_ms,
+                        inference_ms=inference_ms,
+                        not_for_clinical_use=ensemble.not_for_clinical_use,
+                        ood_score=output.ood_score,
+                        out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
+                        operating_point=dict(ensemble.spec.operating_point) or None,
+                        role=PredictionRole.SHADOW,
+                    ),
+                )
+    except Exception as exc:  # shadow mode never disturbs the live triage, whatever fails
+        log.warning(
+            "shadow.failed", model_set=ensemble.name, count=len(decoded), error=f"{type(exc).__name__}: {exc}"[:300]
+        )
+        return 0
+    log.info("shadow.done", model_set=ensemble.name, count=len(decoded), inference_ms=round(inference_ms, 1))
+    return len(decoded)
 
 
 def failure_reason(exc: BaseException, ds: Dataset | None = None, *, limit: int = REASON_LIMIT) -> str:

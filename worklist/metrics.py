@@ -20,7 +20,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, aliased
 
 from cxr_triage.settings import Settings
-from db.models import Instance, InstanceStatus, Prediction, as_utc
+from db.models import Instance, InstanceStatus, Prediction, PredictionRole, as_utc
 from db.repo import status_counts
 from db.session import session_scope
 
@@ -59,9 +59,15 @@ class Turnaround:
             rows = session.execute(
                 select(Prediction.id, Prediction.created_at, Instance.received_at)
                 .join(Instance, Instance.id == Prediction.instance_id)
-                .where(Prediction.id > self.last_prediction_id)
+                .where(Prediction.id > self.last_prediction_id, Prediction.role == PredictionRole.LIVE)
                 # an instance's later predictions (another model set) are not its turnaround
-                .where(~exists().where(earlier.instance_id == Prediction.instance_id, earlier.id < Prediction.id))
+                .where(
+                    ~exists().where(
+                        earlier.instance_id == Prediction.instance_id,
+                        earlier.id < Prediction.id,
+                        earlier.role == PredictionRole.LIVE,
+                    )
+                )
                 .order_by(Prediction.id)
                 .limit(limit)
             ).all()

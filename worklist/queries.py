@@ -25,7 +25,7 @@ from cxr_triage.priority import (
     dicom_priority,
 )
 from cxr_triage.result_kinds import RESULT_KINDS
-from db.models import Instance, InstanceStatus, Prediction, ResultObject, Study, as_utc, utcnow
+from db.models import Instance, InstanceStatus, Prediction, PredictionRole, ResultObject, Study, as_utc, utcnow
 from db.worklist_models import PriorityAssignment, User, WorklistEntry
 from worklist.schemas import InstanceDetail, PredictionDetail, ResultLink, StudyDetail, WorklistItem, WorklistPage
 
@@ -190,7 +190,7 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
     for instance in instances:
         prediction = session.scalars(
             select(Prediction)
-            .where(Prediction.instance_id == instance.id)
+            .where(Prediction.instance_id == instance.id, Prediction.role == PredictionRole.LIVE)
             .order_by(Prediction.created_at.desc(), Prediction.id.desc())
         ).first()
         assignment = session.scalar(select(PriorityAssignment).where(PriorityAssignment.instance_id == instance.id))
