@@ -234,6 +234,19 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(43200.0, gt=0, description="Lifetime of a worklist login session (s).")
     session_cookie_secure: bool = Field(False, description="Send the session cookie only over HTTPS.")
     worklist_poll_s: float = Field(3.0, gt=0, description="How often the worklist page asks for new results (s).")
+    drift_baseline_days: int = Field(
+        28,
+        ge=7,
+        le=365,
+        description="Drift: the last day's STAT and out-of-distribution rates are compared with the "
+        "daily rates of this many previous days (the worklist header warns when outside their range).",
+    )
+    drift_min_cases: int = Field(
+        20, ge=1, description="Drift: a day counts (as the last day or in the baseline) only with this many cases."
+    )
+    drift_tolerance: float = Field(
+        0.05, ge=0, le=1, description="Drift: the baseline's [min, max] daily rate is widened by this (absolute)."
+    )
     login_max_failures: int = Field(
         5, ge=1, description="Failed logins per username, and per client address, within the window before 429."
     )

@@ -304,7 +304,10 @@ def main() -> None:
     """Console entry point; `cxr-triage training ...` loads the (heavier) training package on demand."""
     if len(sys.argv) > 1 and sys.argv[1] == "training":
         from training.cli import app as training_app
+        from service.feedback_cli import export_feedback
 
         app.add_typer(training_app, name="training", help="Dataset, training, evaluation, promotion gate.")
+        training_app.command("export-feedback")(export_feedback)
+
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -61,6 +61,7 @@ def shadow_status() -> None:
 
 def build_report(ensemble: str | None = None, since: datetime | None = None) -> ShadowReport:
     """The shadow report of ENSEMBLE (default: the set in shadow mode now) from the database."""
+    from db.feedback_repo import confirmed_by_instance
     from db.session import session_scope
     from db.shadow_repo import shadow_pairs
 
@@ -70,7 +71,7 @@ def build_report(ensemble: str | None = None, since: datetime | None = None) -> 
     if not name:
         raise RegistryError("no set is or was in shadow mode; name one")
     with session_scope(settings.effective_database_url) as session:
-        pairs, shadow_only = shadow_pairs(session, name, since=since)
+        pairs, shadow_only = shadow_pairs(session, name, since=since, confirmed=confirmed_by_instance(session))
 
     def rules_for(point: dict[str, float] | None) -> Rules:
         return Rules.from_settings(settings, point)
