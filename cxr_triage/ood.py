@@ -3,14 +3,18 @@
 A radiograph of a hip, a dental film or a photographed text page still gets a softmax over the three classes; its
 features, though, lie far from every chest film the model was trained on. The detector is fitted on the training
 split's features (`training.ood`), its threshold on the validation split; both are stored with the ensemble.
+PyTorch is imported only where the detector computes (`save`): the priority rules import `OOD_REASON` from here on
+the API host, which installs no torch (tests/test_lean_roles.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 OOD_REASON = "out of distribution"
 
@@ -39,6 +43,7 @@ class MahalanobisDetector:
         return scores > self.threshold
 
     def save(self, path: Path) -> None:
+        import torch
         from safetensors.torch import save_file
 
         save_file(

@@ -1,20 +1,26 @@
-"""The pixel pipeline: DICOM or PNG to the model's input tensor; the same code in training and inference."""
+"""The pixel pipeline: DICOM or PNG to the model's input tensor; the same code in training and inference.
+
+PyTorch is imported inside the functions that compute with it: the constants and header checks here are part of the
+core (the model registry reads them on the listener and API hosts), which installs no torch
+(tests/test_lean_roles.py).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pydicom
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import pixel_array as decode_pixel_array
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump whenever the output of this module changes for the same input; model cards record it.
 PREPROCESSING_VERSION = "cxr-pixels-1"
@@ -51,6 +57,8 @@ def resize_unit(image: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased bilinear resize of a 2-D float tensor to size x size (the paper squashes, no crop)."""
     if image.shape == (size, size):
         return image
+    import torch.nn.functional as F
+
     out = F.interpolate(image[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0, 0]
 
@@ -62,6 +70,8 @@ def _linear_window(image: torch.Tensor, center: float, width: float) -> torch.Te
 
 
 def _minmax(image: torch.Tensor) -> torch.Tensor:
+    import torch
+
     lo, hi = float(image.min()), float(image.max())
     if hi <= lo:
         return torch.zeros_like(image)
@@ -185,6 +195,8 @@ def decode_dicom(ds: Dataset, size: int, *, max_pixels: int = DEFAULT_MAX_DECODE
     are palette indices: they go through the palette (then to luminance, like RGB), and without a usable palette
     the reason says so.
     """
+    import torch
+
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise PixelDecodeError("no pixel data")
     keyword = next(k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds)
@@ -248,6 +260,8 @@ def decode_dicom(ds: Dataset, size: int, *, max_pixels: int = DEFAULT_MAX_DECODE
 
 def decode_png(path: Path, size: int) -> DecodedImage:
     """Load an 8- or 16-bit grey-scale (or colour) image file to [0, 1] at size x size."""
+    import torch
+
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I"):
             arr = np.asarray(img, dtype=np.float32)
@@ -275,6 +289,8 @@ def _looks_like_dicom(path: Path) -> bool:
 
 def normalise(unit: np.ndarray | torch.Tensor) -> torch.Tensor:
     """[0, 1] grey (H, W) to the network's (3, H, W) ImageNet-normalised tensor."""
+    import torch
+
     t = torch.as_tensor(unit, dtype=torch.float32)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]

@@ -260,6 +260,16 @@ class Settings(BaseSettings):
     password_min_length: int = Field(12, ge=1, description="Minimum password length for `users create`/`passwd`.")
     api_max_body_bytes: int = Field(65536, ge=1, description="Largest request body the API accepts (else 413).")
     metrics_cache_s: float = Field(5.0, ge=0, description="How long /metrics reuses its last database read (s).")
+    audit_syslog: str = Field(
+        "",
+        description="udp://HOST[:PORT], tcp://HOST[:PORT] or tls://HOST[:PORT]: also send each access audit event "
+        "as an RFC 5424 syslog message carrying an IHE ATNA (DICOM PS3.15 A.5) audit message (ports 514, 514, 6514 "
+        "by default); empty = the database only. The database row is the record; a failed send is logged.",
+        pattern=r"^((udp|tcp|tls)://[^\s/?#]+)?$",
+    )
+    audit_syslog_ca: Path | None = Field(
+        None, description="CA bundle to verify the tls:// syslog receiver's certificate; empty = the system's CAs."
+    )
 
     @field_validator("password_scrypt_n")
     @classmethod

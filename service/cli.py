@@ -19,8 +19,8 @@ from cxr_triage.logs import configure_logging, get_logger
 from cxr_triage.registry import Registry, RegistryError
 from cxr_triage.settings import get_settings
 from service.shadow_cli import shadow_app
+from worklist.cli import audit_app, users_app
 from worklist.cli import serve as serve_api
-from worklist.cli import users_app
 
 app = typer.Typer(help="cxr-triage: chest radiograph triage next to a PACS. Demo model: not for clinical use.")
 db_app = typer.Typer(help="Database schema.")
@@ -33,6 +33,7 @@ models_app.add_typer(shadow_app, name="shadow")
 spool_app = typer.Typer(help="The spool of received instances.")
 app.add_typer(spool_app, name="spool")
 app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
 app.command("api")(serve_api)
 console = Console()
 log = get_logger(__name__)
@@ -303,11 +304,11 @@ def sr_show(path: Path) -> None:
 def main() -> None:
     """Console entry point; `cxr-triage training ...` loads the (heavier) training package on demand."""
     if len(sys.argv) > 1 and sys.argv[1] == "training":
-        from training.cli import app as training_app
         from service.feedback_cli import export_feedback
+        from training.cli import app as training_app
 
-        app.add_typer(training_app, name="training", help="Dataset, training, evaluation, promotion gate.")
         training_app.command("export-feedback")(export_feedback)
 
+        app.add_typer(training_app, name="training", help="Dataset, training, evaluation, promotion gate.")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -31,6 +31,7 @@ def test_migrations_create_the_same_schema_and_downgrade(db_url: str) -> None:
     upgrade(db_url)  # idempotent
     tables = set(inspect(engine_for(db_url)).get_table_names())
     assert {"studies", "instances", "instance_events", "predictions", "alembic_version"} <= tables
+    import db.audit_models
     import db.feedback_models  # registers the feedback table on the metadata
     import db.worklist_models  # noqa: F401  (registers the worklist tables on the metadata)
     from db.models import Base

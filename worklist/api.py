@@ -1,4 +1,6 @@
-"""The JSON API: login, the worklist, one study, read state and the user's priority (all but login need a user)."""
+"""The JSON API: login, the worklist, one study, read state and the user's priority (all but login need a user).
+
+Each route declares its audit action (`@audited`, worklist/audit.py): every access by a user is recorded."""
 
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from cxr_triage.labels import Label
 from cxr_triage.logs import get_logger
 from cxr_triage.priority import Priority
 from cxr_triage.result_kinds import RESULT_KINDS
-from db.models import ResultObject, Study, utcnow
+from db.audit_models import AuditAction
+from db.models import Instance, ResultObject, Study, utcnow
 from db.session import session_scope
 from db.worklist_repo import set_read as store_read
 from db.worklist_repo import set_user_priority as store_user_priority
 from infra.objectstore import open_object, read_object
+from worklist.audit import audited, list_details, note, record_change
 from worklist.auth import AuthUser, revoke_token
 from worklist.deps import current_user, database_url, request_settings, request_token, sign_in
 from worklist.queries import Filters, list_worklist, study_detail
@@ -53,6 +57,7 @@ WRONG_PASSWORD: Responses = {
 
 
 @router.post("/login", operation_id="login", responses=WRONG_PASSWORD)
+@audited(AuditAction.LOGIN)
 def login(body: LoginRequest, request: Request) -> TokenResponse:
     """Exchange a username and password for a bearer token (a session that expires).
 
@@ -73,6 +78,7 @@ def login(body: LoginRequest, request: Request) -> TokenResponse:
 
 
 @router.post("/logout", operation_id="logout", status_code=204, responses=UNAUTHORIZED)
+@audited(AuditAction.LOGOUT)
 def logout(
     request: Request, user: AuthUser = Depends(current_user), token: str | None = Depends(request_token)
 ) -> Response:
@@ -88,6 +94,7 @@ def me(user: AuthUser = Depends(current_user)) -> Me:
 
 
 @router.get("/worklist", operation_id="listWorklist", responses=UNAUTHORIZED)
+@audited(AuditAction.VIEW_WORKLIST)
 def worklist(
     request: Request,
     user: AuthUser = Depends(current_user),
@@ -105,10 +112,13 @@ def worklist(
         status=status_, priority=priority, label=label, read=read, since=since, until=until, limit=limit, offset=offset
     )
     with session_scope(database_url(request)) as session:
-        return list_worklist(session, filters)
+        page = list_worklist(session, filters)
+    note(request, details=list_details(len(page.items), page.total, request.url.query))
+    return page
 
 
 @router.get("/studies/{study_instance_uid}", operation_id="getStudy", responses={**UNAUTHORIZED, **NOT_FOUND})
+@audited(AuditAction.VIEW_STUDY, study="study_instance_uid")
 def get_study(study_instance_uid: StudyUID, request: Request, user: AuthUser = Depends(current_user)) -> StudyDetail:
     """One study: its instances, per-model scores, model versions, the rule that fired, SR/heatmap links."""
     with session_scope(database_url(request)) as session:
@@ -121,6 +131,7 @@ def get_study(study_instance_uid: StudyUID, request: Request, user: AuthUser = D
 @router.put(
     "/studies/{study_instance_uid}/read", operation_id="setRead", responses={**UNAUTHORIZED, **NOT_FOUND, **BAD_BODY}
 )
+@audited(AuditAction.SET_READ, study="study_instance_uid")
 def set_read(
     study_instance_uid: StudyUID, body: ReadState, request: Request, user: AuthUser = Depends(current_user)
 ) -> StudyDetail:
@@ -128,6 +139,7 @@ def set_read(
     with session_scope(database_url(request)) as session:
         study = _study(session, study_instance_uid)
         store_read(session, study, body.read, user_id=user.id)
+        record_change(session, request, details=f"read={str(body.read).lower()}")
     log.info("worklist.read", study_instance_uid=study_instance_uid, read=body.read, user_id=user.id)
     return get_study(study_instance_uid, request, user)
 
@@ -137,6 +149,7 @@ def set_read(
     operation_id="setPriority",
     responses={**UNAUTHORIZED, **NOT_FOUND, **BAD_BODY},
 )
+@audited(AuditAction.SET_PRIORITY, study="study_instance_uid")
 def set_priority(
     study_instance_uid: StudyUID, body: UserPriority, request: Request, user: AuthUser = Depends(current_user)
 ) -> StudyDetail:
@@ -144,6 +157,7 @@ def set_priority(
     with session_scope(database_url(request)) as session:
         study = _study(session, study_instance_uid)
         store_user_priority(session, study, body.priority, user_id=user.id)
+        record_change(session, request, details=f"priority={body.priority or 'none'}")
     log.info("worklist.user_priority", study_instance_uid=study_instance_uid, priority=body.priority, user_id=user.id)
     return get_study(study_instance_uid, request, user)
 
@@ -153,11 +167,21 @@ NO_RESULT: Responses = {404: {"description": "No such result object."}}
 
 
 def _result_path(request: Request, sop_instance_uid: str, *, image: bool = False) -> str:
-    """The stored file of a result object; with `image`, only of a kind that is a picture."""
+    """The stored file of a result object; with `image`, only of a kind that is a picture. Its study and SOP class
+    go to the request's audit record."""
     with session_scope(database_url(request)) as session:
-        row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == sop_instance_uid))
-        kind = RESULT_KINDS.get(row.kind) if row is not None else None
-        if row is None or kind is None or (image and not kind.image):
+        found = session.execute(
+            select(ResultObject, Study.study_instance_uid)
+            .join(Instance, Instance.id == ResultObject.instance_id)
+            .join(Study, Study.id == Instance.study_id)
+            .where(ResultObject.sop_instance_uid == sop_instance_uid)
+        ).first()
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object")
+        row, study_instance_uid = found
+        note(request, study_instance_uid=study_instance_uid, sop_class_uid=row.sop_class_uid, details=row.kind)
+        kind = RESULT_KINDS.get(row.kind)
+        if kind is None or (image and not kind.image):
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such result object")
         return row.path
 
@@ -168,6 +192,7 @@ def _result_path(request: Request, sop_instance_uid: str, *, image: bool = False
     responses={**UNAUTHORIZED, **NO_RESULT, 200: {"content": {"application/dicom": {}}}},
     response_class=Response,
 )
+@audited(AuditAction.DOWNLOAD_RESULT, obj="sop_instance_uid")
 def result_object(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
     """The DICOM file of a result object we wrote (SR or heatmap Secondary Capture)."""
     ref = _result_path(request, sop_instance_uid)
@@ -185,6 +210,7 @@ def result_object(sop_instance_uid: ResultUID, request: Request, user: AuthUser 
     responses={**UNAUTHORIZED, **NO_RESULT, 200: {"content": {"image/png": {}}}},
     response_class=Response,
 )
+@audited(AuditAction.DOWNLOAD_RESULT, obj="sop_instance_uid")
 def image_preview(sop_instance_uid: ResultUID, request: Request, user: AuthUser = Depends(current_user)) -> Response:
     """A picture result (the heatmap Secondary Capture) as a PNG, for the worklist thumbnail and the study page."""
     import io

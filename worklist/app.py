@@ -1,8 +1,10 @@
-"""The worklist application: JSON API, pages, static files, health, readiness and Prometheus metrics."""
+"""The worklist application: JSON API, pages, static files, health, readiness and Prometheus metrics; every route
+that shows patient data or changes it is audited (worklist/audit.py), or the app does not start."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
@@ -14,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.settings import Settings, get_settings
 from worklist import api, pages, readiness
+from worklist.audit import AuditMiddleware, Auditor, unaudited_routes
 from worklist.limits import BodySizeLimit, LoginLimiter
 from worklist.metrics import DatabaseCollector, SpoolCollector
 from worklist.schemas import HealthReport
@@ -32,13 +35,22 @@ def _operation_id(route: APIRoute) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    auditor = Auditor(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        auditor.close()  # sends what is queued for syslog
+
     app = FastAPI(
         title="cxr-triage worklist",
         version="1.0.0",
         description=f"Chest radiograph triage worklist. {DEMO_DISCLAIMER} when `not_for_clinical_use` is true.",
         generate_unique_id_function=_operation_id,
+        lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.auditor = auditor
     app.state.login_limiter = LoginLimiter(
         settings.login_max_failures,
         settings.login_window_s,
@@ -47,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(settings.effective_database_url, cache_s=settings.metrics_cache_s))
     registry.register(SpoolCollector(settings))
+    # Innermost: it sees the matched route and the handler's answer before anything is sent.
+    app.add_middleware(AuditMiddleware, auditor=auditor)
     # Inside the header middleware below, so a 413 carries the security headers too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
 
@@ -98,4 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+    missing = unaudited_routes(app)
+    if missing:
+        raise RuntimeError(f"routes without an audit action or exemption (worklist/audit.py): {missing}")
     return app

@@ -3,6 +3,7 @@ signing in (with the failed-login limit)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Request, status
@@ -11,7 +12,8 @@ from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBea
 from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
 from db.session import session_scope
-from worklist.auth import SESSION_COOKIE, AuthUser, authenticate, issue_token, user_for_token
+from worklist.audit import set_actor
+from worklist.auth import SESSION_COOKIE, USERNAME_PATTERN, AuthUser, authenticate, issue_token, user_for_token
 from worklist.limits import Attempt, Lockout, LoginLimiter
 
 log = get_logger(__name__)
@@ -40,10 +42,14 @@ def request_token(
 
 
 def optional_user(request: Request, token: str | None = Depends(request_token)) -> AuthUser | None:
+    """The signed-in user, if any; from here on the request is audited in their name (worklist/audit.py)."""
     if not token:
         return None
     with session_scope(database_url(request)) as session:
-        return user_for_token(session, token)
+        user = user_for_token(session, token)
+    if user is not None:
+        set_actor(request, user.username)
+    return user
 
 
 def current_user(user: AuthUser | None = Depends(optional_user)) -> AuthUser:
@@ -77,6 +83,7 @@ def sign_in(request: Request, username: str, password: str) -> SignIn:
     settings = request_settings(request)
     limiter: LoginLimiter = request.app.state.login_limiter
     address = client_address(request)
+    set_actor(request, username if re.fullmatch(USERNAME_PATTERN, username) else "(not a username)")
     attempt = limiter.begin(username, address)
     if isinstance(attempt, Lockout):
         return SignIn(lockout=attempt)

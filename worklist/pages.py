@@ -1,4 +1,5 @@
-"""The server-rendered pages: login, the live worklist and a study's detail (patient data only when signed in)."""
+"""The server-rendered pages: login, the live worklist and a study's detail (patient data only when signed in);
+each access is recorded like the API's (`@audited`, worklist/audit.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from fastapi.templating import Jinja2Templates
 from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
 from cxr_triage.logs import get_logger
 from cxr_triage.priority import PRIORITIES
+from db.audit_models import AuditAction
 from db.session import session_scope
+from worklist.audit import audited, list_details, note
 from worklist.auth import SESSION_COOKIE, AuthUser, revoke_token
 from worklist.deps import database_url, optional_user, request_settings, request_token, sign_in
 from worklist.queries import Filters, list_worklist, study_detail
@@ -55,6 +58,7 @@ def login_form(request: Request) -> HTMLResponse:
 
 
 @router.post("/login", response_class=HTMLResponse)
+@audited(AuditAction.LOGIN)
 def login_submit(
     request: Request,
     username: Annotated[str, Form(max_length=64)],
@@ -87,7 +91,12 @@ def login_submit(
 
 
 @router.post("/logout")
-def logout_submit(request: Request, token: str | None = Depends(request_token)) -> Response:
+@audited(AuditAction.LOGOUT)
+def logout_submit(
+    request: Request,
+    token: str | None = Depends(request_token),
+    user: AuthUser | None = Depends(optional_user),  # names the record
+) -> Response:
     if token:
         with session_scope(database_url(request)) as session:
             revoke_token(session, token)
@@ -97,6 +106,7 @@ def logout_submit(request: Request, token: str | None = Depends(request_token)) 
 
 
 @router.get("/", response_class=HTMLResponse)
+@audited(AuditAction.VIEW_WORKLIST)
 def worklist_page(request: Request, user: AuthUser | None = Depends(optional_user)) -> HTMLResponse:
     """The worklist; an anonymous request gets 401 and the login form, no patient data."""
     if user is None:
@@ -115,6 +125,7 @@ def worklist_page(request: Request, user: AuthUser | None = Depends(optional_use
                 limit=100,
             ),
         )
+    note(request, details=list_details(len(page.items), page.total, request.url.query))
     return templates.TemplateResponse(
         request,
         "worklist.html",
@@ -123,6 +134,7 @@ def worklist_page(request: Request, user: AuthUser | None = Depends(optional_use
 
 
 @router.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
+@audited(AuditAction.VIEW_STUDY, study="study_instance_uid")
 def study_page(
     study_instance_uid: str, request: Request, user: AuthUser | None = Depends(optional_user)
 ) -> HTMLResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import db.audit_models
 import db.feedback_models  # the feedback table joins Base.metadata
 import db.worklist_models  # noqa: F401  (the worklist tables join Base.metadata)
 from db.models import Base
