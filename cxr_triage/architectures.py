@@ -98,12 +98,25 @@ def load_state(model: nn.Module, weights: Path) -> nn.Module:
 
 
 def save_state(model: nn.Module, weights: Path, *, half: bool = True) -> None:
-    """Save `model`'s state dict as safetensors (fp16 by default: half the size, same ranking in practice)."""
+    """Save `model`'s state dict as safetensors (fp16 by default: half the size, same ranking in practice).
+
+    A tensor that fp16 cannot hold (e.g. a batch-norm running variance above 65504 after a short, small-batch fit) is
+    kept in fp32 instead of being saved as infinity; weights that are not finite to begin with are refused.
+    """
     from safetensors.torch import save_file
 
-    state = {
-        k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
+    state = {}
+    broken = []
+    for key, value in model.state_dict().items():
+        tensor = value.detach()
+        if tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                broken.append(key)
+            elif half:
+                halved = tensor.half()
+                tensor = halved if bool(torch.isfinite(halved).all()) else tensor.float()
+        state[key] = tensor.contiguous().cpu()
+    if broken:
+        raise ValueError(f"refusing to save non-finite weights ({len(broken)} tensors, e.g. {broken[0]})")
     save_file(state, str(weights))
     Path(weights).chmod(0o644)  # readable by the service user that runs the workers

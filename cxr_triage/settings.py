@@ -130,6 +130,24 @@ class Settings(BaseSettings):
         default_factory=lambda: ["PA", "AP"], description="ViewPosition values triaged (absent is triaged)."
     )
 
+    # --- backlog: instances that can wait go to queue `backlog`, taken only when `gpu` is empty ---------------
+    backlog_age_h: float = Field(
+        0.0,
+        ge=0,
+        description="Triage an instance on the backlog queue when its StudyDate ended more than this many hours ago "
+        "(the date's last minute, in the listener's local time: a day's granularity); 0 = by age never.",
+    )
+    backlog_calling_aets: CsvList = Field(
+        default_factory=list,
+        description="Calling AE titles of bulk senders (a migration, a PACS re-sending its archive) whose instances "
+        "are triaged on the backlog queue, compared exactly (comma-separated; empty = none).",
+    )
+    backlog_priorities: CsvList = Field(
+        default_factory=lambda: ["LOW"],
+        description="RequestedProcedurePriority values whose instances are triaged on the backlog queue "
+        "(comma-separated; empty = none).",
+    )
+
     # --- workers -------------------------------------------------------------------------------
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu or cuda.")
     triage_batch_size: int = Field(
@@ -183,8 +201,43 @@ class Settings(BaseSettings):
     results_destination_port: int = Field(104, description="Port of the results destination.")
     results_destination_tls: bool = Field(False, description="Use TLS towards the results destination.")
     results_tls_ca: Path | None = Field(None, description="CA bundle to verify the destination's TLS certificate.")
+    results_routes: CsvList = Field(
+        default_factory=list,
+        description="Results to their sender: CALLING_AET=AE@host:port[+tls] entries (comma-separated); the DICOM "
+        "results (SR, heatmap) of an instance sent by CALLING_AET go to that destination instead of the default "
+        "(results_destination_*). Decided when the instance is queued and stored with it.",
+    )
     results_send_max_retries: int = Field(8, description="Retries of a failed send before it is marked failed.")
     results_retry_base_s: float = Field(5.0, description="First retry delay (s); doubles each retry, capped at 1 h.")
+
+    # --- results to the RIS (HL7 v2 over MLLP) and to a FHIR server ----------------------------
+    # Sent, retried and recorded like the DICOM results (results_send_max_retries, results_retry_base_s).
+    hl7_host: str = Field("", description="RIS host HL7 v2.5.1 messages are sent to over MLLP; empty = no HL7 out.")
+    hl7_port: int = Field(2575, ge=1, le=65535, description="MLLP port of the RIS.")
+    hl7_message: Literal["oru", "priority"] = Field(
+        "oru",
+        description="oru: an ORU^R01 with the finding, the scores and the study's priority for each AI result, and "
+        "again when the study's effective priority changes; priority: an ORM^O01 order-priority update (ORC-1 XO) "
+        "only when the study's effective priority changes.",
+    )
+    hl7_sending_application: str = Field("CXRTRIAGE", description="MSH-3 Sending Application.")
+    hl7_sending_facility: str = Field("", description="MSH-4 Sending Facility.")
+    hl7_receiving_application: str = Field("", description="MSH-5 Receiving Application (the RIS).")
+    hl7_receiving_facility: str = Field("", description="MSH-6 Receiving Facility.")
+    hl7_timeout_s: float = Field(30.0, gt=0, description="Longest wait to connect to the RIS and for its ACK (s).")
+    hl7_tls: bool = Field(False, description="MLLP over TLS towards the RIS.")
+    hl7_tls_ca: Path | None = Field(None, description="CA bundle to verify the RIS's TLS certificate; empty = system.")
+    fhir_base_url: str = Field(
+        "",
+        description="Base URL of a FHIR R4 server: each AI result is posted there as a transaction Bundle "
+        "(DiagnosticReport, Observations, Device); empty = no FHIR out.",
+        pattern=r"^(https?://\S+)?$",
+    )
+    fhir_token: str = Field("", description="Bearer token sent to the FHIR server; empty = no Authorization header.")
+    fhir_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the FHIR server's answer (s).")
+    fhir_tls_ca: Path | None = Field(
+        None, description="CA bundle to verify the FHIR server's certificate (https); empty = the system's CAs."
+    )
 
     # --- retraining (queue `training`) ---------------------------------------------------------
     retrain_manifest: Path | None = Field(None, description="Manifest retraining reads (shared format); empty = off.")
@@ -234,6 +287,11 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(43200.0, gt=0, description="Lifetime of a worklist login session (s).")
     session_cookie_secure: bool = Field(False, description="Send the session cookie only over HTTPS.")
     worklist_poll_s: float = Field(3.0, gt=0, description="How often the worklist page asks for new results (s).")
+    worklist_shadow_users: CsvList = Field(
+        default_factory=list,
+        description="Usernames (comma-separated) who see the shadow set's prediction on the study page and in the "
+        "study's API detail, marked as shadow (not used); never in the list or the priority. Empty = nobody.",
+    )
     drift_baseline_days: int = Field(
         28,
         ge=7,
@@ -246,6 +304,12 @@ class Settings(BaseSettings):
     )
     drift_tolerance: float = Field(
         0.05, ge=0, le=1, description="Drift: the baseline's [min, max] daily rate is widened by this (absolute)."
+    )
+    drift_refresh_s: float = Field(
+        300.0,
+        ge=0,
+        description="How often the API re-reads the daily prediction counts (drift warning, 24-hour metrics) and the "
+        "AI's agreement with confirmed reads (header, metrics) (s); 0 = at every request.",
     )
     login_max_failures: int = Field(
         5, ge=1, description="Failed logins per username, and per client address, within the window before 429."
@@ -271,6 +335,27 @@ class Settings(BaseSettings):
         None, description="CA bundle to verify the tls:// syslog receiver's certificate; empty = the system's CAs."
     )
 
+    # --- DICOMweb STOW-RS (POST /dicomweb/studies, in the API process) -------------------------
+    # The same intake path as a C-STORE (listener/accept.py): max_dataset_bytes, the free-space watermark, the intake
+    # policy and duplicate_policy apply to each instance.
+    stow_users: CsvList = Field(
+        default_factory=list,
+        description="Usernames (comma-separated; service accounts made with `cxr-triage users create` and `users "
+        "token`) that may store instances by STOW-RS with their bearer token; empty = STOW-RS refuses everyone (403).",
+    )
+    stow_max_request_bytes: int = Field(
+        4 * 1024**3,
+        ge=1,
+        description="Largest STOW-RS request body (bytes), all its instances together; larger is answered 413 "
+        "(the instances before the limit are stored and listed). Each instance is also held to max_dataset_bytes.",
+    )
+    stow_max_instances: int = Field(
+        1000,
+        ge=1,
+        description="Most instances (parts) one STOW-RS request may carry; a request with more is answered 413 after "
+        "this many (stored and listed).",
+    )
+
     @field_validator("password_scrypt_n")
     @classmethod
     def _check_scrypt_n(cls, value: int) -> int:
@@ -278,7 +363,7 @@ class Settings(BaseSettings):
             raise ValueError(f"password_scrypt_n must be a power of two, got {value}")
         return value
 
-    @field_validator("allowed_calling_aets", mode="before")
+    @field_validator("allowed_calling_aets", "backlog_calling_aets", mode="before")
     @classmethod
     def _split_ae_titles(cls, value: object) -> object:
         # AE titles are matched exactly as configured (DICOM AE titles are case-sensitive); only spaces are trimmed.
@@ -292,6 +377,7 @@ class Settings(BaseSettings):
         "triage_body_parts",
         "triage_view_positions",
         "triage_modalities",
+        "backlog_priorities",
         mode="before",
     )
     @classmethod
@@ -309,8 +395,11 @@ class Settings(BaseSettings):
         "tls_ca",
         "results_dir",
         "results_tls_ca",
+        "hl7_tls_ca",
+        "fhir_tls_ca",
         "retrain_manifest",
         "retrain_work_dir",
+        "audit_syslog_ca",
         "stat_threshold",
         "routine_threshold",
         mode="before",
@@ -320,11 +409,26 @@ class Settings(BaseSettings):
         # `CXR_TLS_CERT=` must mean "no TLS", not Path(".").
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("retrain_architectures", mode="before")
+    @field_validator("retrain_architectures", "worklist_shadow_users", "stow_users", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("results_routes", mode="before")
+    @classmethod
+    def _split_routes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("results_routes")
+    @classmethod
+    def _check_routes(cls, value: list[str]) -> list[str]:
+        from cxr_triage.routes import parse_routes
+
+        parse_routes(value)  # raises ValueError with the entry that is wrong
         return value
 
     @field_validator("ae_title")

@@ -23,6 +23,8 @@ class AuditAction(StrEnum):
     DOWNLOAD_RESULT = "download-result"  # a result object we wrote (SR or heatmap), as DICOM or as a PNG
     SET_READ = "set-read"
     SET_PRIORITY = "set-priority"
+    STORE_INSTANCES = "store-instances"  # instances sent to us by DICOMweb STOW-RS (by a service account)
+    SET_FINDING = "set-finding"  # a radiologist's read finding of a study (an edit supersedes, history kept)
     LOGIN = "login"
     LOGOUT = "logout"
     USER_CREATE = "user-create"

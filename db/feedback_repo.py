@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.feedback_models import READ_FINDINGS, TRAINABLE, StudyFinding
@@ -100,6 +100,18 @@ def agreement(session: Session, *, weeks: int = 12) -> list[Agreement]:
         cell[0] += 1
         cell[1] += ai_label == finding
     return [Agreement(week, label, n, agreed) for (week, label), (n, agreed) in sorted(counts.items())]
+
+
+def finding_counts(session: Session) -> dict[str, int]:
+    """Current read findings (not superseded) by finding, every finding the study page offers (zero included)."""
+    rows = session.execute(
+        select(StudyFinding.finding, func.count())
+        .where(StudyFinding.superseded_at.is_(None))
+        .group_by(StudyFinding.finding)
+    ).all()
+    counts = dict.fromkeys(READ_FINDINGS, 0)
+    counts.update({str(finding): int(n) for finding, n in rows})
+    return counts
 
 
 def confirmed_by_instance(session: Session) -> dict[int, str]:

@@ -78,6 +78,10 @@ class Instance(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set when the retention policy removed the spool file of this finished instance (listener/retention.py).
     spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Decided when it is first queued (listener/dispatch.py): its triage queue (gpu, or backlog for one that can wait)
+    # and where its DICOM results go (AE@host:port[ (TLS)], cxr_triage/routes.py; None = kept only).
+    triage_queue: Mapped[str | None] = mapped_column(String(16))
+    results_destination: Mapped[str | None] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="instances")
@@ -160,18 +164,26 @@ class ResultStatus(StrEnum):
 
 
 class ResultObject(Base):
-    """A DICOM object we produced for an instance (SR or heatmap SC) and its delivery to the PACS."""
+    """An object we produced for an instance (cxr_triage/result_kinds.py: an SR or heatmap SC for the PACS, an HL7
+    message for the RIS, a FHIR Bundle) and its delivery."""
 
     __tablename__ = "result_objects"
+    __table_args__ = (Index("ix_result_objects_kind_status", "kind", "status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "sr" or "heatmap"
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))  # a name of cxr_triage.result_kinds.RESULT_KINDS
+    # The DICOM identity of a DICOM object; None for the others (an HL7 message, a FHIR Bundle).
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(
+        String(64), default="application/dicom", server_default="application/dicom"
+    )
+    # What a message made when a study's priority changed reports: the study's effective priority then.
+    event: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # the stored object's ref; "" for a message not built yet
     status: Mapped[str] = mapped_column(String(16), index=True)
     destination: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -186,7 +198,8 @@ class ResultObject(Base):
 
 
 class DeliveryAttempt(Base):
-    """One C-STORE attempt of a result object: when, where, and the DIMSE status or the error."""
+    """One send attempt of a result object: when, where, and the answer (DIMSE status, HL7 ACK code, HTTP status)
+    or the error."""
 
     __tablename__ = "delivery_attempts"
 
@@ -194,6 +207,8 @@ class DeliveryAttempt(Base):
     result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"), index=True)
     destination: Mapped[str] = mapped_column(String(200))
     dimse_status: Mapped[int | None] = mapped_column(Integer)
+    # The destination's answer in its own words: "0x0000" (DIMSE), "AA" (HL7 MSA-1), "201" (HTTP status).
+    answer: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -6,10 +6,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cxr_triage.priority import effective_priority
+from cxr_triage.result_kinds import Trigger, enabled_kinds
+from cxr_triage.settings import Settings
 from db.models import (
     DeliveryAttempt,
     Instance,
@@ -113,8 +116,12 @@ def set_status(session: Session, instance: Instance, status: InstanceStatus, rea
     session.add(InstanceEvent(instance_id=instance.id, status=status, reason=reason))
 
 
-def mark_queued(session: Session, instance_id: int) -> None:
-    """After the broker accepted the task: received/awaiting -> queued; a re-sent queued one is touched.
+def mark_queued(
+    session: Session, instance_id: int, *, queue: str | None = None, results_destination: str | None = None
+) -> None:
+    """After the broker accepted the task: received/awaiting -> queued; a re-sent queued one is touched. The queue is
+    recorded each time (batch mates are claimed fresh ones first); the results destination only the first time (the
+    route in force when the instance arrived stays its route).
 
     Never undoes a terminal state, and never moves `processing` back (a fast worker may already hold it); for a
     `processing` instance keeps its status (its holder's heartbeat decides whether it may be taken over).
@@ -126,6 +133,10 @@ def mark_queued(session: Session, instance_id: int) -> None:
         set_status(session, instance, InstanceStatus.QUEUED)
     instance.queued_at = utcnow()
     instance.updated_at = utcnow()
+    if queue is not None:
+        instance.triage_queue = queue
+    if results_destination is not None and instance.results_destination is None:
+        instance.results_destination = results_destination
 
 
 def _last_sign_of_life() -> Any:
@@ -173,14 +184,15 @@ def claim(session: Session, instance_id: int, *, silent_before: datetime, max_at
 def claim_queued(
     session: Session, *, limit: int, exclude: int, silent_before: datetime, max_attempts: int = 5
 ) -> list[Instance]:
-    """Claim up to `limit` more instances waiting in the queue (oldest first) for a batch, each exclusively as
-    `claim` does; rows another worker is claiming right now are skipped, not waited for (PostgreSQL)."""
+    """Claim up to `limit` more instances waiting in the queue for a batch (fresh ones before the backlog, each
+    oldest first), each exclusively as `claim` does; rows another worker is claiming right now are skipped, not
+    waited for (PostgreSQL)."""
     if limit <= 0:
         return []
     candidates = session.scalars(
         select(Instance.id)
         .where(Instance.status == InstanceStatus.QUEUED, Instance.id != exclude)
-        .order_by(Instance.id)
+        .order_by(case((Instance.triage_queue == "backlog", 1), else_=0), Instance.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
@@ -323,10 +335,16 @@ def status_counts(session: Session) -> dict[str, int]:
 def add_results(session: Session, rows: list[ResultObject]) -> list[int]:
     """Store result objects of a prediction once (a repeated run for the same prediction adds nothing).
 
-    Returns the ids of the rows that still need delivery.
+    Returns the ids of the prediction's rows that still need delivery (messages `add_study_messages` recorded for it
+    in the same transaction too).
     """
     if rows:
-        exists = session.scalar(select(ResultObject.id).where(ResultObject.prediction_id == rows[0].prediction_id))
+        exists = session.scalar(
+            select(ResultObject.id).where(
+                ResultObject.prediction_id == rows[0].prediction_id,
+                ResultObject.kind.in_({row.kind for row in rows}),
+            )
+        )
         if exists is None:
             session.add_all(rows)
             session.flush()
@@ -348,13 +366,20 @@ def record_delivery(
     dimse_status: int | None,
     error: str | None,
     final: bool = False,
+    answer: str | None = None,
 ) -> None:
     """Record one send attempt; success marks the result delivered, a final failure marks it failed."""
     row = session.get(ResultObject, result_id, with_for_update=True)
     if row is None:
         return
-    session.add(DeliveryAttempt(result_id=result_id, destination=destination, dimse_status=dimse_status, error=error))
+    session.add(
+        DeliveryAttempt(
+            result_id=result_id, destination=destination, dimse_status=dimse_status, answer=answer, error=error
+        )
+    )
     row.attempts = (row.attempts or 0) + 1
+    if destination and not row.destination:
+        row.destination = destination[:200]
     row.last_error = error
     if error is None:
         row.status = ResultStatus.DELIVERED
@@ -389,3 +414,105 @@ def results_to_send(
         .limit(limit)
     )
     return list(rows)
+
+
+def add_study_messages(
+    session: Session,
+    settings: Settings,
+    study: Study,
+    *,
+    priority: str,
+    prediction_id: int | None,
+    result_final: bool,
+) -> list[int]:
+    """Record the messages a change of the study calls for, in the transaction that changed it (which holds the
+    study's row): the kinds made on a study's change (cxr_triage/result_kinds.py, Trigger.STUDY; the HL7 message).
+
+    A kind gets one when the study's effective `priority` differs from what its last message for the study reported
+    (before the first: the priority the order asked for, or routine), and, for a kind that reports every result
+    (`per_result`), when a live result is stored (`result_final`) that has none yet. So a repeated triage, or a
+    priority that did not change, records nothing. The message is about `prediction_id` (the result just stored, or the
+    study's deciding one): without one nothing is recorded. It is built from these rows when sent. Returns the ids of
+    the new rows, pending (the worker hands them over with its results; the outbox sends any left).
+    """
+    kinds = enabled_kinds(settings, Trigger.STUDY)
+    if prediction_id is None or not kinds:
+        return []
+    instance_id = session.scalar(select(Prediction.instance_id).where(Prediction.id == prediction_id))
+    if instance_id is None:
+        return []
+    added: list[int] = []
+    for kind in kinds:
+        last = session.scalar(
+            select(ResultObject.event)
+            .join(Instance, Instance.id == ResultObject.instance_id)
+            .where(Instance.study_id == study.id, ResultObject.kind == kind.name)
+            .order_by(ResultObject.id.desc())
+            .limit(1)
+        )
+        reported = last or effective_priority(None, study.requested_priority, None).priority
+        new_result = (
+            result_final
+            and kind.per_result(settings)
+            and session.scalar(
+                select(ResultObject.id).where(
+                    ResultObject.kind == kind.name, ResultObject.prediction_id == prediction_id
+                )
+            )
+            is None
+        )
+        if priority == reported and not new_result:
+            continue
+        row = ResultObject(
+            instance_id=instance_id,
+            prediction_id=prediction_id,
+            kind=kind.name,
+            content_type=kind.content_type,
+            event=priority,
+            path="",
+            status=ResultStatus.PENDING,
+        )
+        session.add(row)
+        session.flush()
+        added.append(row.id)
+    return added
+
+
+# A study's delivery state of a kind: the least advanced of its objects' states, the one that needs attention first.
+DELIVERY_STATE_ORDER: tuple[str, ...] = (
+    ResultStatus.FAILED,
+    ResultStatus.PENDING,
+    ResultStatus.QUEUED,
+    ResultStatus.DELIVERED,
+    ResultStatus.STORED,
+)
+
+
+def delivery_states(session: Session, study_ids: list[int]) -> dict[int, dict[str, str]]:
+    """For each study, the delivery state of each kind of result object (one per interface and object: SR and heatmap
+    to the PACS, the HL7 message to the RIS, the FHIR Bundle) over its current results: failed if any failed, else
+    pending or queued if any waits, else delivered (or stored, with no destination)."""
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Instance.study_id, ResultObject.kind, ResultObject.status)
+        .join(Instance, Instance.id == ResultObject.instance_id)
+        .join(Prediction, Prediction.id == ResultObject.prediction_id)
+        .where(Instance.study_id.in_(study_ids), Prediction.superseded_at.is_(None))
+        .distinct()
+    ).all()
+    rank = {state: i for i, state in enumerate(DELIVERY_STATE_ORDER)}
+    states: dict[int, dict[str, str]] = {}
+    for study_id, kind, status in rows:
+        kinds = states.setdefault(int(study_id), {})
+        if kind not in kinds or rank.get(status, len(rank)) < rank.get(kinds[kind], len(rank)):
+            kinds[kind] = status
+    return states
+
+
+def result_counts(session: Session) -> dict[tuple[str, str], int]:
+    """(kind, status) -> number of result objects: one GROUP BY over the (kind, status) index, for the metrics."""
+    rows = session.execute(
+        select(ResultObject.kind, ResultObject.status, func.count()).group_by(ResultObject.kind, ResultObject.status)
+    )
+    return {(kind, status): int(count) for kind, status, count in rows}

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from cxr_triage.logs import get_logger
 from cxr_triage.priority import RANK, ROUTINE, Rules, as_priority, becomes_unread, effective_priority, evaluate
-from cxr_triage.settings import Settings
+from cxr_triage.settings import Settings, get_settings
+from db import repo
 from db.models import Instance, Prediction, PredictionRole, Study, utcnow
 from db.worklist_models import PriorityAssignment, WorklistEntry
 
@@ -52,7 +53,12 @@ def assign_priority(session: Session, instance_id: int, settings: Settings) -> W
     log.info(
         "worklist.assigned", sop_instance_uid=instance.sop_instance_uid, priority=decision.priority, rule=decision.rule
     )
-    return refresh_entry(session, study)
+    entry = refresh_entry(session, study)
+    # A result is final, and the study's priority may have changed: the messages that calls for (HL7 to the RIS).
+    repo.add_study_messages(
+        session, settings, study, priority=entry.priority, prediction_id=prediction.id, result_final=True
+    )
+    return entry
 
 
 def refresh_entry(session: Session, study: Study) -> WorklistEntry:
@@ -86,14 +92,32 @@ def refresh_entry(session: Session, study: Study) -> WorklistEntry:
     return entry
 
 
-def set_user_priority(session: Session, study: Study, priority: str | None, *, user_id: int) -> WorklistEntry:
-    """A user's priority for the study (None clears it); like the DICOM priority, the AI never goes below it."""
+def set_user_priority(
+    session: Session, study: Study, priority: str | None, *, user_id: int, settings: Settings | None = None
+) -> WorklistEntry:
+    """A user's priority for the study (None clears it); like the DICOM priority, the AI never goes below it.
+
+    When that changes the study's effective priority, records the messages it calls for (HL7 to the RIS) about the
+    study's deciding result, with `settings` (default: the process's, cxr_triage.settings.get_settings).
+    """
     if priority is not None:
         as_priority(priority)  # raises ValueError for an unknown word
     entry = refresh_entry(session, study)
     entry.user_priority = priority
     entry.user_priority_by = user_id if priority is not None else None
-    return refresh_entry(session, study)
+    entry = refresh_entry(session, study)
+    deciding = None
+    if entry.deciding_instance_id is not None:
+        deciding = session.scalar(
+            select(Prediction.id)
+            .where(Prediction.instance_id == entry.deciding_instance_id, Prediction.role == PredictionRole.LIVE)
+            .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+            .limit(1)
+        )
+    repo.add_study_messages(
+        session, settings or get_settings(), study, priority=entry.priority, prediction_id=deciding, result_final=False
+    )
+    return entry
 
 
 def set_read(session: Session, study: Study, read: bool, *, user_id: int) -> WorklistEntry:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.transport.virtual import BrokerState, Empty
+from kombu.utils.scheduling import FairCycle
 
 from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
@@ -23,9 +27,60 @@ SEND_RESULT_TASK = "cxr_triage.send_result"
 QUEUE_GPU = "gpu"
 QUEUE_CPU = "cpu"
 QUEUE_TRAINING = "training"
+# Triage of instances that can wait (README: fresh studies ahead of the backlog): consumed by every worker that consumes
+# gpu, and taken only when gpu (and cpu, where the same worker delivers results) is empty.
+QUEUE_BACKLOG = "backlog"
+
+# In the order a worker started without -Q consumes them: a worker takes from the first of its queues that holds work.
+QUEUES = (QUEUE_GPU, QUEUE_CPU, QUEUE_BACKLOG, QUEUE_TRAINING)
+TRIAGE_QUEUES = (QUEUE_GPU, QUEUE_BACKLOG)
 
 
-QUEUES = (QUEUE_GPU, QUEUE_CPU, QUEUE_TRAINING)
+def worker_queues(requested: Sequence[str]) -> list[str]:
+    """The queues a worker asked for `requested` (its -Q, in order) consumes: one that consumes gpu consumes backlog
+    too, after the others and before training (a backlog never waits on a forgotten -Q). Given explicitly, backlog
+    stays where the operator put it."""
+    queues = list(dict.fromkeys(requested))
+    if QUEUE_GPU in queues and QUEUE_BACKLOG not in queues:
+        at = queues.index(QUEUE_TRAINING) if QUEUE_TRAINING in queues else len(queues)
+        queues.insert(at, QUEUE_BACKLOG)
+    return queues
+
+
+class _InOrder(FairCycle):
+    """Each poll tries the queues in the order the worker consumes them, where kombu's FairCycle takes turns."""
+
+    def get(self, callback: Any, **kwargs: Any) -> Any:
+        for queue in list(self.resources):
+            try:
+                return self.fun(queue, callback, **kwargs)
+            except self.predicate:
+                continue
+        raise self.predicate()
+
+
+class _InOrderFilesystemChannel(filesystem.Channel):
+    def _reset_cycle(self) -> None:
+        self._cycle = _InOrder(self._get_and_deliver, self._active_queues, Empty)
+
+
+_filesystem_states: dict[str, BrokerState] = {}  # control folder -> the bindings written there
+
+
+class InOrderFilesystemTransport(filesystem.Transport):
+    """kombu's filesystem transport (the embedded broker), but a worker takes from the first of its queues that holds
+    a message, as Redis's `queue_order_strategy: priority` does; kombu's own takes from each queue in turn.
+
+    kombu also keeps which bindings it has written in one state per process, whatever the folder: a second broker
+    folder in the same process (tests, tools) would never get its bindings, and messages sent there vanish. Here the
+    state is one per control folder."""
+
+    Channel = _InOrderFilesystemChannel
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        folder = str(client.transport_options.get("control_folder", "control"))
+        self.state = _filesystem_states.setdefault(folder, BrokerState())
 
 
 def _queue(name: str) -> Queue:
@@ -40,6 +95,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The configuration every process shares (producer and workers must agree on it)."""
     url = settings.effective_broker_url
     transport_options: dict[str, Any] = {}
+    transport: str | None = None  # the URL's scheme decides
     if url.startswith("filesystem"):
         folder = settings.broker_dir.resolve()
         for sub in ("out", "processed", "control"):
@@ -52,10 +108,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
             "polling_interval": 0.1,  # kombu's default (1 s) would add up to a second to every task
         }
+        transport = f"{__name__}:InOrderFilesystemTransport"  # takes from a worker's queues in order, as below
     elif url.startswith(("redis", "rediss")):
-        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+        transport_options = {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # BRPOP on a worker's queues in its -Q order every time (kombu's default rotates the last used queue to
+            # the end): gpu before backlog, so a fresh instance is the next one a worker takes.
+            "queue_order_strategy": "priority",
+        }
     return {
         "broker_url": url,
+        "broker_transport": transport,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 2.0,
@@ -66,7 +129,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_exchange": QUEUE_CPU,
         "task_default_routing_key": QUEUE_CPU,
         "task_routes": {
-            TRIAGE_TASK: _route(QUEUE_GPU),
+            TRIAGE_TASK: _route(QUEUE_GPU),  # unless sent to backlog (send_triage)
             SEND_RESULT_TASK: _route(QUEUE_CPU),
             RETRAIN_TASK: _route(QUEUE_TRAINING),
         },
@@ -106,15 +169,21 @@ def _send(settings: Settings, task: str, queue: str, args: list[Any], kwargs: di
     """Publish `task` to `queue`; raises if the broker does not accept it within `timeout_s` (one retry)."""
     retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": timeout_s / 2, "interval_max": timeout_s}
     with _sending(settings):
+        # Exchange and routing key with the queue: a task route's own (task_routes) would win over a bare queue.
         result = producer(settings).send_task(
-            task, args=args, kwargs=kwargs, queue=queue, retry=True, retry_policy=retry_policy
+            task, args=args, kwargs=kwargs, **_route(queue), retry=True, retry_policy=retry_policy
         )
     return str(result.id)
 
 
-def send_triage(settings: Settings, instance_id: int, *, sop_instance_uid: str, timeout_s: float = 3.0) -> str:
-    """Send the triage task for `instance_id` to queue `gpu`."""
-    return _send(settings, TRIAGE_TASK, QUEUE_GPU, [instance_id], {"sop_instance_uid": sop_instance_uid}, timeout_s)
+def send_triage(
+    settings: Settings, instance_id: int, *, sop_instance_uid: str, queue: str = QUEUE_GPU, timeout_s: float = 3.0
+) -> str:
+    """Send the triage task for `instance_id` to `queue`: gpu, or backlog for an instance that can wait
+    (listener/dispatch.py `triage_queue`)."""
+    if queue not in TRIAGE_QUEUES:
+        raise ValueError(f"triage goes to one of {TRIAGE_QUEUES}, not {queue!r}")
+    return _send(settings, TRIAGE_TASK, queue, [instance_id], {"sop_instance_uid": sop_instance_uid}, timeout_s)
 
 
 def send_result(settings: Settings, result_id: int, *, timeout_s: float = 3.0) -> str:

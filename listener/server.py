@@ -13,47 +13,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pydicom import uid
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from cxr_triage.logs import get_logger
 from cxr_triage.settings import Settings
+from listener.accept import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from listener.dispatch import Dispatcher, Outbox
 from listener.handlers import ReceiveLimit, StoreHandler, cut_connection, log_association, set_tcp_nodelay
 
 log = get_logger(__name__)
-
-STORAGE_SOP_CLASSES = (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-)
-
-# What real CR/DX devices and PACS send. We store bytes as received, so accepting a syntax costs nothing here;
-# decoding happens in the workers.
-TRANSFER_SYNTAXES = (
-    uid.ExplicitVRLittleEndian,
-    uid.ImplicitVRLittleEndian,
-    uid.DeflatedExplicitVRLittleEndian,
-    uid.JPEGBaseline8Bit,
-    uid.JPEGExtended12Bit,
-    uid.JPEGLossless,
-    uid.JPEGLosslessSV1,
-    uid.JPEGLSLossless,
-    uid.JPEGLSNearLossless,
-    uid.JPEG2000Lossless,
-    uid.JPEG2000,
-    uid.RLELossless,
-)
 
 
 class ListenerConfigError(Exception):

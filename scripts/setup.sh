@@ -11,6 +11,8 @@ for pair in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl 
     systemd-analyze:systemd; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
+# Orthanc's DICOMweb plugin: tests/test_stow_rs.py has Orthanc send a study to the API by STOW-RS.
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 if [ "${1:-}" = "--with-services" ]; then
   command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
   command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)

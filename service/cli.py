@@ -74,10 +74,13 @@ def listener() -> None:
 
 @app.command()
 def worker(
-    queues: str = typer.Option("gpu,cpu,training", help="Queues to consume."),
+    queues: str = typer.Option(
+        "gpu,cpu,backlog,training",
+        help="Queues to consume, in the order a free worker takes from them (backlog is added to any list with gpu).",
+    ),
     concurrency: int = typer.Option(1, help="Worker processes."),
 ) -> None:
-    """Run a Celery worker (same as `celery -A workers.celery_app worker -Q gpu`)."""
+    """Run a Celery worker (same as `celery -A workers.celery_app worker -Q gpu,cpu,backlog,training`)."""
     _setup("worker")
     from workers.celery_app import app as celery_app
 

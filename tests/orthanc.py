@@ -1,4 +1,5 @@
-"""Orthanc as the hospital PACS in tests: its own configuration, storage and ports, loopback only."""
+"""Orthanc as the hospital PACS in tests: its own configuration, storage and ports, loopback only; with its DICOMweb
+plugin (Debian's orthanc-dicomweb) when the test names DICOMweb servers to send to by STOW-RS."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 # Auto-forward, as a PACS routing rule would: every CR/DX image that arrives is sent to the triage AE.
 AUTOROUTE_LUA = """
@@ -21,7 +24,19 @@ end
 
 
 class Orthanc:
-    def __init__(self, home: Path, *, dicom_port: int, http_port: int, triage_aet: str, triage_port: int) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        dicom_port: int,
+        http_port: int,
+        triage_aet: str,
+        triage_port: int,
+        autoroute: bool = True,
+        dicomweb_servers: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """`autoroute`: forward each CR/DX image to the triage AE by C-STORE (Lua). `dicomweb_servers`: the DICOMweb
+        plugin's "Servers" (name -> {"Url": ..., "HttpHeaders": ...}), for `POST /dicom-web/servers/NAME/stow`."""
         self.home = home
         self.dicom_port = dicom_port
         self.http_port = http_port
@@ -44,9 +59,17 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True,
             "DicomCheckModalityHost": False,
             "DicomModalities": {"cxr": [triage_aet, "127.0.0.1", triage_port]},
-            "LuaScripts": [str(home / "autoroute.lua")],
+            "LuaScripts": [str(home / "autoroute.lua")] if autoroute else [],
             "Plugins": [],
         }
+        if dicomweb_servers is not None:
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": False,
+                "Servers": dicomweb_servers,
+            }
         (home / "orthanc.json").write_text(json.dumps(config, indent=2))
 
     def start(self) -> None:

@@ -17,7 +17,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "infra": {"cxr_triage", "db"},
     "listener": {"cxr_triage", "db", "infra"},
     "workers": {"cxr_triage", "db", "infra", "training"},  # training only inside the retrain task
-    "worklist": {"cxr_triage", "db", "infra"},
+    "worklist": {"cxr_triage", "db", "infra", "listener"},  # listener: STOW-RS takes its intake path
     "training": {"cxr_triage"},
     "service": {"cxr_triage", "db", "infra", "listener", "workers", "worklist", "training"},
 }

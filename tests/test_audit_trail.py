@@ -39,6 +39,7 @@ from db.models import Instance, Prediction, ResultObject, ResultStatus, Study
 from db.session import session_scope
 from db.worklist_models import User, WorklistEntry
 from tests.conftest import free_port, self_signed_cert
+from tests.test_stow_rs import encode, instance, stow_body
 from tests.test_worklist_api import (
     COVID,
     PATIENT,
@@ -51,6 +52,8 @@ from worklist.audit import EXEMPT, audited_routes, unaudited_routes
 from worklist.auth import create_user, issue_token
 
 PASSWORD = "correct horse battery"
+STOW_INSTANCE = instance()  # what the STOW-RS case stores
+STOW_BODY, STOW_CONTENT_TYPE = stow_body(encode(STOW_INSTANCE))
 CLIENT = ("10.1.2.3", 50000)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.22"
 
@@ -100,7 +103,7 @@ def _result_file(folder: Path, sop_class: str) -> tuple[str, Path]:
 
 def make_world(url: str, home: Path) -> World:
     upgrade(url)
-    settings = Settings(home=home / "var", database_url=url)
+    settings = Settings(home=home / "var", database_url=url, stow_users=["reader"], min_free_bytes=0)
     with session_scope(url) as session:
         create_user(session, "reader", PASSWORD)
     study = add_study(settings, probabilities=COVID)
@@ -170,6 +173,9 @@ ACCESS: dict[str, Access] = {
     "PUT /api/studies/{study_instance_uid}/priority": Access(
         lambda c, w: c.put(f"/api/studies/{w.study}/priority", json={"priority": "high"}), AuditAction.SET_PRIORITY
     ),
+    "PUT /api/studies/{study_instance_uid}/finding": Access(
+        lambda c, w: c.put(f"/api/studies/{w.study}/finding", json={"finding": "Pneumonia"}), AuditAction.SET_FINDING
+    ),
     "GET /api/results/{sop_instance_uid}": Access(
         lambda c, w: c.get(f"/api/results/{w.sr}"), AuditAction.DOWNLOAD_RESULT, obj=lambda w: w.sr
     ),
@@ -177,6 +183,11 @@ ACCESS: dict[str, Access] = {
         lambda c, w: c.get(f"/api/results/{w.heatmap}/preview.png"),
         AuditAction.DOWNLOAD_RESULT,
         obj=lambda w: w.heatmap,
+    ),
+    "POST /dicomweb/studies": Access(
+        lambda c, w: c.post("/dicomweb/studies", content=STOW_BODY, headers={"Content-Type": STOW_CONTENT_TYPE}),
+        AuditAction.STORE_INSTANCES,
+        lambda w: str(STOW_INSTANCE.StudyInstanceUID),
     ),
     "POST /api/login": Access(
         lambda c, w: c.post("/api/login", json={"username": "reader", "password": PASSWORD}),
@@ -253,7 +264,9 @@ def test_each_access_path_leaves_exactly_one_record(world: World) -> None:
     assert recorded["GET /api/results/{sop_instance_uid}"].sop_class_uid == SR_CLASS
     assert recorded["PUT /api/studies/{study_instance_uid}/read"].details == "read=true"
     assert recorded["PUT /api/studies/{study_instance_uid}/priority"].details == "priority=high"
+    assert recorded["PUT /api/studies/{study_instance_uid}/finding"].details == "finding=Pneumonia"
     assert recorded["GET /api/worklist"].details == "1 of 1 studies; query (none)"
+    assert recorded["POST /dicomweb/studies"].details == "1 stored, 0 failed"
     assert PATIENT not in repr(logs) and "PID-" not in repr(logs), "no patient name or ID in any log line"
     exported = [json.dumps(e.__dict__, default=str) for e in events(world.url)]
     assert not any(PATIENT in line or "PID-" in line for line in exported), "the trail names studies, not patients"

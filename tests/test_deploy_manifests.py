@@ -42,7 +42,7 @@ import pytest
 import yaml
 
 from cxr_triage.settings import Settings
-from infra.queue import QUEUE_CPU, QUEUE_GPU, QUEUE_TRAINING, QUEUES
+from infra.queue import QUEUE_CPU, QUEUE_GPU, QUEUE_TRAINING, QUEUES, worker_queues
 from worklist.metrics import QUEUED_STATES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -545,7 +545,7 @@ def test_compose_config_refuses_without_allowlist(compose_cmd: list[str], tmp_pa
 def test_compose_every_queue_has_a_consumer(compose_rendered: dict[tuple[str, bool], Any], file: str) -> None:
     for training in (False, True):
         services = _cxr_services(compose_rendered[(file, training)])
-        consumed = {q for s in services.values() for q in _queues_in(_compose_command(s))}
+        consumed = {q for s in services.values() for q in worker_queues(_queues_in(_compose_command(s)))}
         expected = set(QUEUES) if training else set(QUEUES) - {QUEUE_TRAINING}
         assert consumed == expected, f"{file} (training={training}): consumers for {sorted(consumed)}"
         commands = [_compose_command(s) for s in services.values()]
@@ -740,7 +740,7 @@ def test_systemd_units_start_every_consumer() -> None:
     assert exec_start and _queues_in(exec_start.group(1).replace("\\\n", " ").split()) == ["%i"]
     readme = (DEPLOY / "README.md").read_text()
     enabled = " ".join(re.findall(r"^#? ?systemctl enable --now (.*)$", readme, flags=re.M))
-    assert set(re.findall(r"cxr-triage-worker@(\w+)", enabled)) == set(QUEUES)
+    assert set(worker_queues(re.findall(r"cxr-triage-worker@(\w+)", enabled))) == set(QUEUES)
     for unit in ("cxr-triage-listener", "cxr-triage-api", "cxr-triage-beat"):
         assert unit in enabled.split(), unit
     for name in UNITS:
@@ -889,7 +889,9 @@ def test_k8s_every_queue_has_a_consumer(
     rendered: dict[tuple[str, bool], list[Resource]], topology: str, training: bool
 ) -> None:
     resources = rendered[(topology, training)]
-    consumed = {q for r, c in _containers(resources) if r["kind"] == "Deployment" for q in _queues_in(_argv(c))}
+    consumed = {
+        q for r, c in _containers(resources) if r["kind"] == "Deployment" for q in worker_queues(_queues_in(_argv(c)))
+    }
     assert consumed == (set(QUEUES) if training else set(QUEUES) - {QUEUE_TRAINING})
     listener = _deployment_for(resources, argv=["listener"])
     api = _deployment_for(resources, argv=["api"])

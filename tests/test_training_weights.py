@@ -110,3 +110,26 @@ def test_border_mask_hides_the_edges_where_markers_sit() -> None:
         assert not torch.allclose(model(centre), model(x))
     with pytest.raises(ValueError, match="border_mask"):
         create_model("mobilenetv2_100", border_mask=0.6)
+
+
+def test_saved_weights_keep_what_fp16_cannot_hold_and_refuse_non_finite(tmp_path) -> None:
+    """A batch-norm running variance above fp16's range (a short fit on tiny batches) used to be saved as infinity,
+    and the gate then failed on NaN outputs."""
+    from safetensors.torch import load_file
+
+    from cxr_triage.architectures import save_state
+
+    conv, norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(conv, norm)
+    assert norm.running_var is not None
+    with torch.no_grad():
+        norm.running_var.fill_(1e6)
+    path = tmp_path / "w.safetensors"
+    save_state(model, path)
+    state = load_file(str(path))
+    assert state["1.running_var"].dtype == torch.float32 and torch.isfinite(state["1.running_var"]).all()
+    assert state["0.weight"].dtype == torch.float16, "what fp16 holds is still halved"
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_state(model, tmp_path / "bad.safetensors")

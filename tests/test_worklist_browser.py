@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,20 +37,27 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-@pytest.fixture
-def served(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
-    upgrade(pg_url)
-    settings = make_settings(pg_url, tmp_path / "var")
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The app for `settings` served by uvicorn on a free port, in a thread; yields its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for_port(port, timeout=30)
     try:
-        yield f"http://127.0.0.1:{port}", settings
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def served(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
+    upgrade(pg_url)
+    settings = make_settings(pg_url, tmp_path / "var")
+    with serving(settings) as base:
+        yield base, settings
 
 
 @pytest.fixture

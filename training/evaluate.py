@@ -23,6 +23,9 @@ from training.dataset import SplitLeakError, read_split_manifest, sha256_file
 from training.metrics import group_resamples, reliability_bins, summarise, within_source
 
 PEDIATRIC_SOURCES = ("kermany_pediatric",)
+# The site's own confirmed reads (`cxr-triage training export-feedback`, merged by `training merge --dicom-folder`
+# under this source, training/adapters.py): the report shows them on their own beside the public sources.
+SITE_SOURCES = ("hospital",)
 
 
 def member_hashes(registry: Registry, version: str, splits: tuple[str, ...]) -> set[str]:
@@ -248,6 +251,11 @@ def report_markdown(result: dict[str, Any]) -> str:
         _summary_row("all", o),
         _summary_row("adult only (no kermany_pediatric)", result["adult_only"]),
     ]
+    site = result.get("site_vs_public")
+    if site:
+        lines.append(_summary_row("site only (the hospital's confirmed reads)", site["site"]))
+        if site["public"]:
+            lines.append(_summary_row("public sources only", site["public"]))
     lines += [_summary_row(f"source = {s}", m) for s, m in result["per_source"].items()]
     lines += shortcut_section(result)
     lines += [
@@ -462,6 +470,15 @@ def evaluate(
         "reliability_bins": reliability_bins(y, probs),
         "within_source": within_source(y, probs, df["source"].to_numpy(), groups, n_boot=n_boot, seed=seed),
     }
+    site = df["source"].isin(SITE_SOURCES).to_numpy()
+    if site.any():
+        public = ~site
+        result["site_vs_public"] = {
+            "site": summarise(y[site], probs[site], groups[site], n_boot=n_boot, seed=seed),
+            "public": summarise(y[public], probs[public], groups[public], n_boot=n_boot, seed=seed)
+            if public.any()
+            else None,
+        }
     if spec is not None:
         result["operating_point"] = operating_point_metrics(y, probs, spec, groups, n_boot=n_boot, seed=seed)
         if spec.ood:

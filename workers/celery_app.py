@@ -1,4 +1,4 @@
-"""The Celery app: `celery -A workers.celery_app worker -Q gpu` (queues gpu, cpu, training)."""
+"""The Celery app: `celery -A workers.celery_app worker -Q gpu` (queues gpu with backlog, cpu, training)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from celery import Celery
 from celery.exceptions import WorkerShutdown
 from celery.schedules import crontab
-from celery.signals import setup_logging, worker_init, worker_process_init
+from celery.signals import celeryd_after_setup, setup_logging, worker_init, worker_process_init
 
-from cxr_triage.logs import configure_logging
+from cxr_triage.logs import configure_logging, get_logger
 from cxr_triage.settings import get_settings
-from infra.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config, remove_legacy_bindings
+from infra.queue import QUEUE_TRAINING, RETRAIN_TASK, celery_config, remove_legacy_bindings, worker_queues
 
 app = Celery("cxr_triage", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
@@ -33,6 +33,18 @@ if get_settings().retrain_schedule:
 def _setup_logging(**_: Any) -> None:
     settings = get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format, component="worker")
+
+
+@celeryd_after_setup.connect
+def _consume_backlog_with_gpu(instance: Any, **_: Any) -> None:
+    """A worker that consumes gpu consumes backlog too (infra/queue.py `worker_queues`), whatever its -Q says: the
+    backlog is triaged by the same workers, when gpu is empty, and never left without a consumer."""
+    queues = instance.app.amqp.queues
+    consumed = list(queues.consume_from)
+    wanted = worker_queues(consumed)
+    if wanted != consumed:
+        queues.select(wanted)
+        get_logger(__name__).info("worker.queues", requested=consumed, consumed=wanted)
 
 
 @worker_init.connect

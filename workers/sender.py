@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
 from pynetdicom import AE
 
+from cxr_triage.routes import Route
 from cxr_triage.settings import Settings
+from workers.interfaces import DeliveryError, Sent
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,38 @@ class Destination:
         )
 
 
-class SendError(Exception):
-    """The destination could not be reached or refused the object (the message says which)."""
+class SendError(DeliveryError):
+    """The destination could not be reached or refused the object (the message says which); always retried."""
 
     def __init__(self, message: str, *, dimse_status: int | None = None) -> None:
-        super().__init__(message)
-        self.dimse_status = dimse_status
+        answer = f"0x{dimse_status:04X}" if dimse_status is not None else None
+        super().__init__(message, answer=answer, dimse_status=dimse_status)
+
+
+@dataclass(frozen=True)
+class DicomSender:
+    """The PACS as a sender of workers/delivery.py: C-STORE with our AE title as the calling AE."""
+
+    destination: Destination
+    calling_aet: str
+
+    def __str__(self) -> str:
+        return str(self.destination)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DicomSender | None:
+        destination = Destination.from_settings(settings)
+        return cls(destination, settings.ae_title) if destination is not None else None
+
+    @classmethod
+    def to(cls, settings: Settings, route: Route) -> DicomSender:
+        """C-STORE to `route` (an instance's results destination), verified with CXR_RESULTS_TLS_CA."""
+        destination = Destination(route.ae_title, route.host, route.port, tls=route.tls, tls_ca=settings.results_tls_ca)
+        return cls(destination, settings.ae_title)
+
+    def send(self, payload: bytes) -> Sent:
+        status = c_store(self.destination, BytesIO(payload), calling_aet=self.calling_aet)
+        return Sent(f"0x{status:04X}", dimse_status=status)
 
 
 def c_store(destination: Destination, path: Path | BinaryIO, *, calling_aet: str, timeout_s: float = 30.0) -> int:

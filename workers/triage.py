@@ -237,7 +237,9 @@ def triage_claimed(
         assign_priority(session, inst.id, settings)  # the worklist priority, in the same transaction
         if error:
             inst.status_reason = f"{inst.status_reason}; result objects not built: {error}"
-        rows = results.result_rows(settings, objects, instance_id=inst.id, prediction_id=prediction.id)
+        rows = results.result_rows(
+            settings, objects, instance_id=inst.id, prediction_id=prediction.id, route=inst.results_destination
+        )
         return repo.add_results(session, rows)
 
     stored: dict[int, Any] = {}

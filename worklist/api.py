@@ -1,4 +1,5 @@
-"""The JSON API: login, the worklist, one study, read state and the user's priority (all but login need a user).
+"""The JSON API: login, the worklist, one study, read state, the user's priority and the read finding, the AI's
+agreement with confirmed reads and the drift of the last day (all but login need a user).
 
 Each route declares its audit action (`@audited`, worklist/audit.py): every access by a user is recorded."""
 
@@ -16,6 +17,7 @@ from cxr_triage.logs import get_logger
 from cxr_triage.priority import Priority
 from cxr_triage.result_kinds import RESULT_KINDS
 from db.audit_models import AuditAction
+from db.feedback_repo import record_finding
 from db.models import Instance, ResultObject, Study, utcnow
 from db.session import session_scope
 from db.worklist_repo import set_read as store_read
@@ -23,10 +25,22 @@ from db.worklist_repo import set_user_priority as store_user_priority
 from infra.objectstore import open_object, read_object
 from worklist.audit import audited, list_details, note, record_change
 from worklist.auth import AuthUser, revoke_token
-from worklist.deps import current_user, database_url, request_settings, request_token, sign_in
+from worklist.deps import (
+    current_user,
+    database_url,
+    quality_monitor,
+    request_settings,
+    request_token,
+    sees_shadow,
+    sign_in,
+)
+from worklist.quality import drift_report, read_agreement
 from worklist.queries import Filters, list_worklist, study_detail
 from worklist.schemas import (
     UID_PATTERN,
+    AgreementReport,
+    DriftReport,
+    FindingChoice,
     LoginRequest,
     Me,
     ReadState,
@@ -114,15 +128,16 @@ def worklist(
     with session_scope(database_url(request)) as session:
         page = list_worklist(session, filters)
     note(request, details=list_details(len(page.items), page.total, request.url.query))
-    return page
+    return page.model_copy(update={"warnings": quality_monitor(request).current().warnings})
 
 
 @router.get("/studies/{study_instance_uid}", operation_id="getStudy", responses={**UNAUTHORIZED, **NOT_FOUND})
 @audited(AuditAction.VIEW_STUDY, study="study_instance_uid")
 def get_study(study_instance_uid: StudyUID, request: Request, user: AuthUser = Depends(current_user)) -> StudyDetail:
-    """One study: its instances, per-model scores, model versions, the rule that fired, SR/heatmap links."""
+    """One study: its instances, per-model scores, model versions, the rule that fired, SR/heatmap links, the read
+    finding and its history (and, for CXR_WORKLIST_SHADOW_USERS, the shadow set's prediction, marked not used)."""
     with session_scope(database_url(request)) as session:
-        detail = study_detail(session, study_instance_uid)
+        detail = study_detail(session, study_instance_uid, shadow=sees_shadow(request, user))
     if detail is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such study")
     return detail
@@ -156,10 +171,43 @@ def set_priority(
     """Set (or clear with null) the user's priority: the effective priority never goes below it."""
     with session_scope(database_url(request)) as session:
         study = _study(session, study_instance_uid)
-        store_user_priority(session, study, body.priority, user_id=user.id)
+        store_user_priority(session, study, body.priority, user_id=user.id, settings=request_settings(request))
         record_change(session, request, details=f"priority={body.priority or 'none'}")
     log.info("worklist.user_priority", study_instance_uid=study_instance_uid, priority=body.priority, user_id=user.id)
     return get_study(study_instance_uid, request, user)
+
+
+@router.put(
+    "/studies/{study_instance_uid}/finding",
+    operation_id="setFinding",
+    responses={**UNAUTHORIZED, **NOT_FOUND, **BAD_BODY},
+)
+@audited(AuditAction.SET_FINDING, study="study_instance_uid")
+def set_finding(
+    study_instance_uid: StudyUID, body: FindingChoice, request: Request, user: AuthUser = Depends(current_user)
+) -> StudyDetail:
+    """Record the study's read finding (by the signed-in user, with the AI's label at this moment); recording again
+    supersedes it, and the history is kept (`finding_history`)."""
+    with session_scope(database_url(request)) as session:
+        study = _study(session, study_instance_uid)
+        record_finding(session, study, body.finding, user.username)
+        record_change(session, request, details=f"finding={body.finding}")
+    log.info("worklist.finding", study_instance_uid=study_instance_uid, user_id=user.id)
+    return get_study(study_instance_uid, request, user)
+
+
+@router.get("/agreement", operation_id="getAgreement", responses=UNAUTHORIZED)
+def get_agreement(request: Request, user: AuthUser = Depends(current_user)) -> AgreementReport:
+    """The AI's agreement with confirmed reads over the last 12 ISO weeks, per week and AI label: of the studies the
+    AI gave a label and a radiologist read as one of the model's classes, the share read as that label."""
+    return read_agreement(request_settings(request))
+
+
+@router.get("/drift", operation_id="getDrift", responses=UNAUTHORIZED)
+def get_drift(request: Request, user: AuthUser = Depends(current_user)) -> DriftReport:
+    """The last 24 hours of live predictions (label mix, mean scores, STAT and out-of-distribution rates) against
+    the previous CXR_DRIFT_BASELINE_DAYS days; re-read at most every CXR_DRIFT_REFRESH_S."""
+    return drift_report(quality_monitor(request).current())
 
 
 ResultUID = Annotated[str, Path(pattern=UID_PATTERN, description="SOP Instance UID of a result object.")]

@@ -15,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from cxr_triage.labels import DEMO_DISCLAIMER
 from cxr_triage.settings import Settings, get_settings
-from worklist import api, pages, readiness
+from worklist import api, dicomweb, pages, readiness
 from worklist.audit import AuditMiddleware, Auditor, unaudited_routes
 from worklist.limits import BodySizeLimit, LoginLimiter
-from worklist.metrics import DatabaseCollector, SpoolCollector
+from worklist.metrics import DatabaseCollector, QualityCollector, SpoolCollector
+from worklist.quality import QualityMonitor
 from worklist.schemas import HealthReport
 
 SECURITY_HEADERS = {
@@ -56,13 +57,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.login_window_s,
         max_failures_per_address=settings.login_max_failures_per_address,
     )
+    app.state.quality = QualityMonitor(settings)
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(settings.effective_database_url, cache_s=settings.metrics_cache_s))
     registry.register(SpoolCollector(settings))
+    registry.register(QualityCollector(app.state.quality))
     # Innermost: it sees the matched route and the handler's answer before anything is sent.
     app.add_middleware(AuditMiddleware, auditor=auditor)
     # Inside the header middleware below, so a 413 carries the security headers too.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.api_max_body_bytes,
+        prefix_limits={"/dicomweb/": settings.stow_max_request_bytes},  # STOW-RS bodies carry whole studies
+    )
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -106,11 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text."}},
     )
     def metrics() -> Response:
-        """Prometheus metrics: instances received, triaged, failed, queue depth, turnaround histogram."""
+        """Prometheus metrics: instances received, triaged, failed, queue depth, turnaround histogram; the last 24
+        hours' label mix, mean scores, STAT and OOD rates and drift warnings; the AI's agreement with confirmed reads
+        per label and ISO week."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(dicomweb.router)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     missing = unaudited_routes(app)
     if missing:

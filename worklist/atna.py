@@ -78,6 +78,8 @@ EVENTS: Final[dict[AuditAction, EventCodes]] = {
     AuditAction.DOWNLOAD_RESULT: EventCodes(INSTANCES_TRANSFERRED, "R"),
     AuditAction.SET_READ: EventCodes(PROCEDURE_RECORD, "U"),
     AuditAction.SET_PRIORITY: EventCodes(PROCEDURE_RECORD, "U"),
+    AuditAction.STORE_INSTANCES: EventCodes(INSTANCES_TRANSFERRED, "C"),
+    AuditAction.SET_FINDING: EventCodes(PROCEDURE_RECORD, "U"),
     AuditAction.LOGIN: EventCodes(USER_AUTHENTICATION, "E", LOGIN),
     AuditAction.LOGOUT: EventCodes(USER_AUTHENTICATION, "E", LOGOUT),
     AuditAction.USER_CREATE: EventCodes(SECURITY_ALERT, "E", USER_ATTRIBUTES_CHANGED),

@@ -1,5 +1,5 @@
 """Request dependencies shared by the API and the pages: settings, the database URL, the signed-in user and
-signing in (with the failed-login limit)."""
+signing in (with the failed-login limit), who sees shadow predictions, the drift and agreement reading."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from db.session import session_scope
 from worklist.audit import set_actor
 from worklist.auth import SESSION_COOKIE, USERNAME_PATTERN, AuthUser, authenticate, issue_token, user_for_token
 from worklist.limits import Attempt, Lockout, LoginLimiter
+from worklist.quality import QualityMonitor
 
 log = get_logger(__name__)
 
@@ -61,6 +62,17 @@ def current_user(user: AuthUser | None = Depends(optional_user)) -> AuthUser:
             headers={"WWW-Authenticate": "Bearer"},
         )
     return user
+
+
+def quality_monitor(request: Request) -> QualityMonitor:
+    """The app's drift and agreement reading (worklist/quality.py), re-read at most every CXR_DRIFT_REFRESH_S."""
+    monitor: QualityMonitor = request.app.state.quality
+    return monitor
+
+
+def sees_shadow(request: Request, user: AuthUser) -> bool:
+    """Whether the user is one of CXR_WORKLIST_SHADOW_USERS: they see the shadow set's prediction, marked not used."""
+    return user.username in request_settings(request).worklist_shadow_users
 
 
 def client_address(request: Request) -> str:

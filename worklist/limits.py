@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fastapi import HTTPException, status
@@ -146,26 +146,33 @@ class RequestTooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for a declared Content-Length above `max_bytes` before any of the body is read, and a
-    stop (413) as soon as a chunked body passes it."""
+    """ASGI middleware: 413 for a declared Content-Length above the cap before any of the body is read, and a
+    stop (413) as soon as a chunked body passes it. The cap is `max_bytes`, or for a path under one of
+    `prefix_limits` that prefix's own (STOW-RS bodies under /dicomweb/ carry whole studies)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, *, prefix_limits: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.prefix_limits = dict(prefix_limits or {})
+
+    def cap(self, path: str) -> int:
+        """The cap of a request to `path`."""
+        return next((cap for prefix, cap in self.prefix_limits.items() if path.startswith(prefix)), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.cap(scope.get("path", ""))
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             try:
-                too_large = int(declared) > self.max_bytes
+                too_large = int(declared) > max_bytes
             except ValueError:
                 await JSONResponse({"detail": "invalid Content-Length"}, status_code=400)(scope, receive, send)
                 return
             if too_large:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, max_bytes)
                 return
         seen = 0
         started = False
@@ -175,8 +182,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise RequestTooLarge(self.max_bytes)
+                if seen > max_bytes:
+                    raise RequestTooLarge(max_bytes)
             return message
 
         async def tracked_send(message: Message) -> None:
@@ -191,9 +198,9 @@ class BodySizeLimit:
             # Raised where no exception handler turned it into an answer (a middleware reading the body).
             if started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, max_bytes)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body larger than {self.max_bytes} bytes"
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+        detail = f"request body larger than {max_bytes} bytes"
         response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)

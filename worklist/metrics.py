@@ -6,6 +6,10 @@ scrape reads only the predictions after the last one it has seen (by primary key
 rows), so after the first scrapes of a process the work is proportional to the new results, not to the table. A
 restarted process rebuilds the histogram in bounded steps over its first scrapes. Whole answers are reused for
 CXR_METRICS_CACHE_S seconds, so a burst of scrapes (the endpoint is public) costs one database read.
+
+The site's quality signals (the last 24 hours' label mix, mean scores, STAT and OOD rates, the drift checks, the AI's
+agreement with confirmed reads per label and ISO week) come from the worklist's `QualityMonitor`, which re-reads
+them at most every CXR_DRIFT_REFRESH_S.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, aliased
 
+from cxr_triage.labels import CLASS_LABELS
+from cxr_triage.result_kinds import RESULT_KINDS
 from cxr_triage.settings import Settings
 from db.models import Instance, InstanceStatus, Prediction, PredictionRole, as_utc
-from db.repo import status_counts
+from db.repo import result_counts, status_counts
 from db.session import session_scope
+from worklist.quality import QualityMonitor
 
 # Seconds from arrival (C-STORE response) to the result in the worklist.
 TURNAROUND_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -121,11 +128,21 @@ class DatabaseCollector(Collector):
     def _read(self) -> list[Metric]:
         with session_scope(self.database_url) as session:
             counts = status_counts(session)
+            results = result_counts(session)
             self.turnaround.advance(session, self.max_rows_per_scrape)
         depth = GaugeMetricFamily("cxr_queue_depth", "Instances waiting for a result, by status.", labels=["status"])
         for state in QUEUED_STATES:
             depth.add_metric([state], counts.get(state, 0))
+        deliveries = GaugeMetricFamily(
+            "cxr_result_objects",
+            "Result objects by kind, interface (transport) and delivery status.",
+            labels=["kind", "transport", "status"],
+        )
+        for (kind, delivery), n in sorted(results.items()):
+            transport = str(RESULT_KINDS[kind].transport) if kind in RESULT_KINDS else "unknown"
+            deliveries.add_metric([kind, transport, delivery], n)
         return [
+            deliveries,
             _counter("cxr_instances_received", "Instances received and stored.", sum(counts.values())),
             _counter("cxr_instances_triaged", "Instances with a triage result.", counts.get(InstanceStatus.DONE, 0)),
             _counter("cxr_instances_failed", "Instances whose triage failed.", counts.get(InstanceStatus.FAILED, 0)),
@@ -155,3 +172,63 @@ class SpoolCollector:
         yield GaugeMetricFamily(
             "cxr_spool_watermark_bytes", "Below this much free space the listener refuses.", value=space.watermark_bytes
         )
+
+
+class QualityCollector(Collector):
+    """The site's own performance and drift, from the monitor's last reading (no database read of its own)."""
+
+    def __init__(self, monitor: QualityMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        quality = self.monitor.current()
+        day = quality.last_day
+        cases = day.cases if day is not None else 0
+        yield GaugeMetricFamily("cxr_predictions_24h", "Live predictions in the last 24 hours.", value=cases)
+        share = GaugeMetricFamily("cxr_label_share_24h", "Share of the last 24 hours' predictions per label.",
+                                  labels=["label"])  # fmt: skip
+        mean = GaugeMetricFamily(
+            "cxr_mean_probability_24h", "Mean probability per class over the last 24 hours.", labels=["label"]
+        )
+        if day is not None and cases:
+            for label in CLASS_LABELS:
+                share.add_metric([label], day.labels.get(label, 0) / cases)
+                mean.add_metric([label], day.mean_scores.get(label, 0.0))
+            yield GaugeMetricFamily("cxr_stat_rate_24h", "Share of STAT in the last 24 hours.", value=day.rate("stat"))
+            yield GaugeMetricFamily(
+                "cxr_ood_rate_24h", "Share out of distribution in the last 24 hours.", value=day.rate("ood")
+            )
+        yield share
+        yield mean
+        warning = GaugeMetricFamily(
+            "cxr_drift_warning",
+            "1 when the last day's rate is outside the range of the previous days (CXR_DRIFT_*), else 0.",
+            labels=["check"],
+        )
+        low = GaugeMetricFamily("cxr_drift_range_low", "Lower end of the baseline range of the daily rate.",
+                                labels=["check"])  # fmt: skip
+        high = GaugeMetricFamily("cxr_drift_range_high", "Upper end of the baseline range of the daily rate.",
+                                 labels=["check"])  # fmt: skip
+        for drift in quality.checks:
+            warning.add_metric([drift.name], 1.0 if drift.outside else 0.0)
+            if drift.low is not None and drift.high is not None:
+                low.add_metric([drift.name], drift.low)
+                high.add_metric([drift.name], drift.high)
+        yield from (warning, low, high)
+        ratio = GaugeMetricFamily(
+            "cxr_ai_agreement_ratio",
+            "Of the confirmed reads of studies the AI gave this label, the share read as that label, per ISO week.",
+            labels=["label", "week"],
+        )
+        reads = GaugeMetricFamily(
+            "cxr_ai_agreement_reads", "Confirmed reads behind cxr_ai_agreement_ratio.", labels=["label", "week"]
+        )
+        for cell in quality.agreement:
+            ratio.add_metric([cell.ai_label, cell.week], cell.rate)
+            reads.add_metric([cell.ai_label, cell.week], cell.confirmed)
+        yield from (ratio, reads)
+        confirmed = GaugeMetricFamily("cxr_confirmed_reads", "Current read findings recorded by radiologists.",
+                                      labels=["finding"])  # fmt: skip
+        for finding, n in quality.findings.items():
+            confirmed.add_metric([finding], n)
+        yield confirmed

@@ -1,5 +1,6 @@
-"""The server-rendered pages: login, the live worklist and a study's detail (patient data only when signed in);
-each access is recorded like the API's (`@audited`, worklist/audit.py)."""
+"""The server-rendered pages: login, the live worklist, a study's detail with its read finding (patient data only when
+signed in) and the AI's agreement with confirmed reads; each access to patient data is recorded like the API's
+(`@audited`, worklist/audit.py). The header of a signed-in page shows the drift warnings and the agreement."""
 
 from __future__ import annotations
 
@@ -16,10 +17,20 @@ from cxr_triage.labels import CLASS_LABELS, DEMO_DISCLAIMER
 from cxr_triage.logs import get_logger
 from cxr_triage.priority import PRIORITIES
 from db.audit_models import AuditAction
+from db.feedback_models import READ_FINDINGS
 from db.session import session_scope
 from worklist.audit import audited, list_details, note
 from worklist.auth import SESSION_COOKIE, AuthUser, revoke_token
-from worklist.deps import database_url, optional_user, request_settings, request_token, sign_in
+from worklist.deps import (
+    database_url,
+    optional_user,
+    quality_monitor,
+    request_settings,
+    request_token,
+    sees_shadow,
+    sign_in,
+)
+from worklist.quality import AGREEMENT_WEEKS, read_agreement
 from worklist.queries import Filters, list_worklist, study_detail
 from worklist.schemas import StudyStatus
 
@@ -42,7 +53,11 @@ FILTER_KEYS = ("status", "priority", "label", "read")
 
 
 def _context(request: Request, **values: Any) -> dict[str, Any]:
-    return {"labels": CLASS_LABELS, "priorities": PRIORITIES[::-1], "disclaimer_text": DEMO_DISCLAIMER, **values}
+    context = {"labels": CLASS_LABELS, "priorities": PRIORITIES[::-1], "disclaimer_text": DEMO_DISCLAIMER, **values}
+    if values.get("user") is not None:  # the header: drift warnings and the agreement of the last weeks
+        context["quality"] = quality_monitor(request).current()
+        context["agreement_weeks"] = AGREEMENT_WEEKS
+    return context
 
 
 def _login_page(request: Request, *, status_code: int, error: str | None = None) -> HTMLResponse:
@@ -144,7 +159,22 @@ def study_page(
         detail = None
     else:
         with session_scope(database_url(request)) as session:
-            detail = study_detail(session, study_instance_uid)
+            detail = study_detail(session, study_instance_uid, shadow=sees_shadow(request, user))
     if detail is None:
         return templates.TemplateResponse(request, "missing.html", _context(request, user=user), status_code=404)
-    return templates.TemplateResponse(request, "study.html", _context(request, user=user, study=detail))
+    return templates.TemplateResponse(
+        request, "study.html", _context(request, user=user, study=detail, read_findings=READ_FINDINGS)
+    )
+
+
+@router.get("/agreement", response_class=HTMLResponse)
+def agreement_page(request: Request, user: AuthUser | None = Depends(optional_user)) -> HTMLResponse:
+    """The AI's agreement with confirmed reads per AI label and ISO week (counts only: exempt from the audit)."""
+    if user is None:
+        return _login_page(request, status_code=401)
+    report = read_agreement(request_settings(request))
+    weeks = sorted({cell.week for cell in report.cells})
+    cells = {(cell.ai_label, cell.week): cell for cell in report.cells}
+    return templates.TemplateResponse(
+        request, "agreement.html", _context(request, user=user, report=report, weeks=weeks, cells=cells)
+    )

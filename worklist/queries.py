@@ -25,9 +25,20 @@ from cxr_triage.priority import (
     dicom_priority,
 )
 from cxr_triage.result_kinds import RESULT_KINDS
+from db.feedback_models import StudyFinding
+from db.feedback_repo import finding_history
 from db.models import Instance, InstanceStatus, Prediction, PredictionRole, ResultObject, Study, as_utc, utcnow
 from db.worklist_models import PriorityAssignment, User, WorklistEntry
-from worklist.schemas import InstanceDetail, PredictionDetail, ResultLink, StudyDetail, WorklistItem, WorklistPage
+from worklist.schemas import (
+    FindingRecord,
+    InstanceDetail,
+    PredictionDetail,
+    ResultLink,
+    ShadowPredictionDetail,
+    StudyDetail,
+    WorklistItem,
+    WorklistPage,
+)
 
 PENDING = (InstanceStatus.RECEIVED, InstanceStatus.QUEUED, InstanceStatus.PROCESSING, InstanceStatus.AWAITING_MODEL)
 
@@ -178,7 +189,9 @@ def _item(
     )
 
 
-def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | None:
+def study_detail(session: Session, study_instance_uid: str, *, shadow: bool = False) -> StudyDetail | None:
+    """One study with its instances, each one's live prediction (and, with `shadow`, the shadow set's, marked as not
+    used), and the read finding with its history."""
     page_row = _study_row(session, study_instance_uid)
     if page_row is None:
         return None
@@ -207,13 +220,51 @@ def study_detail(session: Session, study_instance_uid: str) -> StudyDetail | Non
                 prediction=_prediction(instance, prediction, assignment, result_links(session, [prediction.id]))
                 if prediction is not None
                 else None,
+                shadow=_shadow(session, instance.id) if shadow else None,
             )
         )
+    history = [_finding(row) for row in finding_history(session, study.id)]
     return StudyDetail(
         **item.model_dump(),
         requested_priority=study.requested_priority,
         user_priority=entry.user_priority if entry is not None else None,  # type: ignore[arg-type]
         instances=details,
+        finding=next((h for h in history if h.superseded_at is None), None),
+        finding_history=history,
+    )
+
+
+def _finding(row: StudyFinding) -> FindingRecord:
+    return FindingRecord(
+        finding=row.finding,  # type: ignore[arg-type]
+        username=row.username,
+        recorded_at=as_utc(row.created_at),
+        superseded_at=as_utc(row.superseded_at) if row.superseded_at is not None else None,
+        ai_label=row.ai_label,
+        ai_model_set=row.ai_model_set,
+    )
+
+
+def _shadow(session: Session, instance_id: int) -> ShadowPredictionDetail | None:
+    """The instance's current shadow prediction (the latest, when several sets ran in shadow mode)."""
+    row = session.scalars(
+        select(Prediction)
+        .where(
+            Prediction.instance_id == instance_id,
+            Prediction.role == PredictionRole.SHADOW,
+            Prediction.superseded_at.is_(None),
+        )
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+    ).first()
+    if row is None:
+        return None
+    return ShadowPredictionDetail(
+        label=row.label,
+        probabilities=row.probabilities,
+        model_set=row.model_set,
+        model_versions=list(row.model_versions),
+        out_of_distribution=row.out_of_distribution,
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -249,14 +300,17 @@ def result_links(session: Session, prediction_ids: list[int]) -> dict[int, list[
         kind = RESULT_KINDS.get(row.kind)
         if kind is None:  # a kind this version no longer produces: its file stays, unlinked
             continue
-        path = f"/api/results/{row.sop_instance_uid}"
+        # HL7 and FHIR messages have no SOP Instance UID and are not served: status and destination only.
+        path = f"/api/results/{row.sop_instance_uid}" if row.sop_instance_uid else ""
         links.setdefault(row.prediction_id, []).append(
             ResultLink(
                 kind=kind.name,
                 title=kind.title,
-                url=f"{path}/preview.png" if kind.image else path,
-                image=kind.image,
+                url=f"{path}/preview.png" if kind.image and path else path,
+                image=kind.image and bool(path),
                 status=row.status,
+                transport=str(kind.transport),
+                destination=row.destination,
             )
         )
     return links

@@ -81,6 +81,20 @@
     return tr;
   }
 
+  // The header's drift warnings (the last day's STAT or OOD rate outside the range of the previous weeks).
+  function showWarnings(warnings) {
+    const box = document.getElementById("drift-warning");
+    if (!box) return;
+    const shown = Array.from(box.querySelectorAll("p"), (p) => p.textContent);
+    if (JSON.stringify(shown) === JSON.stringify(warnings)) return;
+    box.replaceChildren(...warnings.map((w) => {
+      const p = document.createElement("p");
+      p.textContent = w;
+      return p;
+    }));
+    box.hidden = warnings.length === 0;
+  }
+
   function focusedUid() {
     const el = document.activeElement;
     const tr = el && el.closest ? el.closest("tr[data-uid]") : null;
@@ -100,6 +114,7 @@
     if (resp.status === 401) { window.location.reload(); return; }
     if (!resp.ok) return;
     const page = await resp.json();
+    showWarnings(page.warnings || []);
     const now = new Date().toLocaleTimeString();
     const signature = JSON.stringify(page.items.map((i) => Object.assign({}, i, { waiting_s: 0 })));
     if (signature === lastSignature) {  // nothing changed: only the waiting times move
