@@ -17,21 +17,11 @@ from workers.interfaces import DeliveryError, Sent
 
 
 @dataclass(frozen=True)
-class Destination:
-    ae_title: str
-    host: str
-    port: int
-    tls: bool = False
+class Destination(Route):
+    """A C-STORE destination: a route (AE@host:port, TLS or not; checked and written by cxr_triage/routes.py) and the
+    CA bundle that verifies its certificate."""
+
     tls_ca: Path | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < len(self.ae_title) <= 16:
-            raise ValueError(f"destination AE title must be 1-16 characters, got {self.ae_title!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"invalid destination port {self.port}")
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Destination | None:

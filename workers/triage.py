@@ -219,20 +219,9 @@ def triage_claimed(
         if inst.sha256 != d.claim.content:  # replaced while this run worked: the new content is triaged on its own
             return TriageOutcome("superseded", "the instance was replaced by a corrected re-send")
         queued_at = d.claim.queued_at
-        record = repo.PredictionRecord(
-            model_set=ensemble.name,
-            model_versions=ensemble.versions,
-            label=output.label,
-            probabilities=output.probabilities,
-            member_probabilities=output.member_probabilities,
-            queue_wait_ms=(utcnow() - as_utc(queued_at)).total_seconds() * 1000 if queued_at else None,
-            decode_ms=d.decode_ms,
-            inference_ms=inference_ms,
-            not_for_clinical_use=ensemble.not_for_clinical_use,
-            ood_score=output.ood_score,
-            out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
-            operating_point=dict(ensemble.spec.operating_point) or None,
-        )
+        wait_ms = (utcnow() - as_utc(queued_at)).total_seconds() * 1000 if queued_at else None
+        record = prediction_record(ensemble, output, decode_ms=d.decode_ms, inference_ms=inference_ms,
+                                   queue_wait_ms=wait_ms)  # fmt: skip
         prediction = repo.save_prediction(session, inst, record)
         assign_priority(session, inst.id, settings)  # the worklist priority, in the same transaction
         if error:
@@ -289,6 +278,33 @@ def triage_claimed(
     return outcomes
 
 
+def prediction_record(
+    ensemble: Ensemble,
+    output: EnsembleOutput,
+    *,
+    decode_ms: float,
+    inference_ms: float,
+    queue_wait_ms: float | None = None,
+    role: str = PredictionRole.LIVE,
+) -> repo.PredictionRecord:
+    """What is stored of one ensemble output (live or shadow), with the set's operating point at that moment."""
+    return repo.PredictionRecord(
+        model_set=ensemble.name,
+        model_versions=ensemble.versions,
+        label=output.label,
+        probabilities=output.probabilities,
+        member_probabilities=output.member_probabilities,
+        queue_wait_ms=queue_wait_ms,
+        decode_ms=decode_ms,
+        inference_ms=inference_ms,
+        not_for_clinical_use=ensemble.not_for_clinical_use,
+        ood_score=output.ood_score,
+        out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
+        operating_point=dict(ensemble.spec.operating_point) or None,
+        role=role,
+    )
+
+
 def run_shadow(settings: Settings, ensemble: Ensemble, decoded: list[_Decoded]) -> int:
     """Run the shadow set on images whose live triage is stored, and store its predictions (role shadow) in one
     transaction. They set no status or priority, build no result object and are never sent; a failure here is logged
@@ -306,25 +322,10 @@ def run_shadow(settings: Settings, ensemble: Ensemble, decoded: list[_Decoded]) 
                 inst = session.get(Instance, d.claim.instance_id)
                 if inst is None or inst.sha256 != d.claim.content:
                     continue
-                repo.save_prediction(
-                    session,
-                    inst,
-                    repo.PredictionRecord(
-                        model_set=ensemble.name,
-                        model_versions=ensemble.versions,
-                        label=output.label,
-                        probabilities=output.probabilities,
-                        member_probabilities=output.member_probabilities,
-                        queue_wait_ms=None,
-                        decode_ms=d.decode_ms,
-                        inference_ms=inference_ms,
-                        not_for_clinical_use=ensemble.not_for_clinical_use,
-                        ood_score=output.ood_score,
-                        out_of_distribution=output.out_of_distribution if output.ood_score is not None else None,
-                        operating_point=dict(ensemble.spec.operating_point) or None,
-                        role=PredictionRole.SHADOW,
-                    ),
+                record = prediction_record(
+                    ensemble, output, decode_ms=d.decode_ms, inference_ms=inference_ms, role=PredictionRole.SHADOW
                 )
+                repo.save_prediction(session, inst, record)
     except Exception as exc:  # shadow mode never disturbs the live triage, whatever fails
         log.warning(
             "shadow.failed", model_set=ensemble.name, count=len(decoded), error=f"{type(exc).__name__}: {exc}"[:300]
