@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from cxr_triage.architectures import create_model, save_state
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
+from cxr_triage.settings import Settings
 from db import repo
 from db.models import Instance, InstanceStatus, Prediction
 from db.session import session_scope
@@ -191,6 +192,19 @@ def redis_url() -> Iterator[str]:
         yield f"redis://{REDIS_HOST}:6379/{db}"
     finally:
         client.flushdb()
+
+
+def declare_queues(settings: Settings) -> Settings:
+    """Declare every queue on a new connection, as a worker does when it starts. (A send declares its queue only once
+    per pooled connection, and the redis_url fixture flushes Redis under this process's pool between tests; in
+    production a Redis emptied under a running listener is covered by the outbox's lost-message detection.)"""
+    from infra.queue import producer
+
+    app = producer(settings)
+    with app.connection_for_write() as conn:
+        for queue in app.amqp.queues.values():
+            queue.bind(conn.default_channel).declare()
+    return settings
 
 
 class S3Server:

@@ -33,7 +33,7 @@ from infra.queue import (
     worker_queues,
 )
 from listener.dispatch import Dispatcher, Routing, triage_queue
-from tests.conftest import DICOM_DIR, received_instance, wait_until
+from tests.conftest import DICOM_DIR, declare_queues, received_instance, wait_until
 
 SOURCE = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
 NOW = datetime(2025, 3, 10, 14, 0)  # local time, as DICOM dates are
@@ -108,20 +108,10 @@ def test_triage_goes_to_gpu_or_backlog_only(tmp_path: Path) -> None:
 # --- the brokers -------------------------------------------------------------------------------------------------
 
 
-def _declared(settings: Settings) -> Settings:
-    """Declare every queue on a new connection, as a worker does when it starts. (A send declares its queue only once
-    per pooled connection, and the redis_url fixture flushes Redis under this process's pool between tests.)"""
-    app = producer(settings)
-    with app.connection_for_write() as conn:
-        for queue in app.amqp.queues.values():
-            queue.bind(conn.default_channel).declare()
-    return settings
-
-
 @pytest.fixture(params=["filesystem", "redis"])
 def broker_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     if request.param == "redis":
-        return _declared(Settings(home=tmp_path, broker_url=request.getfixturevalue("redis_url")))
+        return declare_queues(Settings(home=tmp_path, broker_url=request.getfixturevalue("redis_url")))
     return Settings(home=tmp_path)
 
 
@@ -156,7 +146,7 @@ def test_a_worker_takes_from_the_first_of_its_queues_that_holds_work(broker_sett
 
 
 def test_health_reports_the_backlog_and_fails_when_nobody_consumes_it(redis_url: str, tmp_path: Path) -> None:
-    settings = _declared(Settings(home=tmp_path, broker_url=redis_url))
+    settings = declare_queues(Settings(home=tmp_path, broker_url=redis_url))
     send_triage(settings, 1, sop_instance_uid="1.1", queue=QUEUE_BACKLOG)
     check = check_queues(settings)
     assert "backlog: 1 waiting, 0 consumer(s)" in check.detail

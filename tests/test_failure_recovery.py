@@ -15,7 +15,7 @@ from db.migrate import upgrade
 from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
 from db.session import session_scope
 from infra.queue import QUEUES, producer, queue_depth, remove_legacy_bindings, send_triage
-from tests.conftest import DICOM_DIR, received_instance
+from tests.conftest import DICOM_DIR, declare_queues, received_instance
 
 SOURCE = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
 
@@ -135,6 +135,7 @@ def test_queued_work_whose_messages_were_lost_is_due_after_the_heartbeat_timeout
 def test_the_outbox_sees_an_empty_redis_queue(redis_url: str, tmp_path: Path) -> None:
     settings = Settings(broker_url=redis_url, home=tmp_path)
     assert queue_depth(settings) == 0  # never declared: empty, not unknown
+    declare_queues(settings)  # as the worker does when it starts
     send_triage(settings, 1, sop_instance_uid="1.2.3")
     assert queue_depth(settings) == 1
     assert queue_depth(Settings(broker_url="redis://127.0.0.1:1/0", home=tmp_path)) is None  # unreachable: unknown
