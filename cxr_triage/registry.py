@@ -208,9 +208,18 @@ class Registry:
         return sorted(p.stem for p in base.glob("*.json")) if base.is_dir() else []
 
     # --- promotion -----------------------------------------------------------------------------
-    def _promoted_payload(self) -> dict[str, Any]:
-        path = self.root / PROMOTED_FILE
+    def _pointer(self, file: str) -> dict[str, Any]:
+        """A pointer file (promoted.json, shadow.json): {"ensemble": name or None, ..., "history": [...]}."""
+        path = self.root / file
         return json.loads(path.read_text()) if path.is_file() else {"ensemble": None, "history": []}
+
+    def _pointer_stamp(self, file: str) -> float:
+        """Modification time of a pointer file (0 when absent): cheap to poll between tasks."""
+        path = self.root / file
+        return path.stat().st_mtime_ns / 1e9 if path.is_file() else 0.0
+
+    def _promoted_payload(self) -> dict[str, Any]:
+        return self._pointer(PROMOTED_FILE)
 
     def promoted_name(self) -> str | None:
         name = self._promoted_payload().get("ensemble")
@@ -276,14 +285,11 @@ class Registry:
         return removed
 
     def promoted_stamp(self) -> float:
-        """Modification time of the pointer (0 when absent): cheap to poll between tasks."""
-        path = self.root / PROMOTED_FILE
-        return path.stat().st_mtime_ns / 1e9 if path.is_file() else 0.0
+        return self._pointer_stamp(PROMOTED_FILE)
 
     # --- shadow --------------------------------------------------------------------------------
     def _shadow_payload(self) -> dict[str, Any]:
-        path = self.root / SHADOW_FILE
-        return json.loads(path.read_text()) if path.is_file() else {"ensemble": None, "history": []}
+        return self._pointer(SHADOW_FILE)
 
     def shadow_name(self) -> str | None:
         """The ensemble running in shadow mode, if any."""
@@ -291,7 +297,8 @@ class Registry:
         return str(name) if name else None
 
     def shadow_started_at(self) -> str | None:
-        return self._shadow_payload().get("started_at") if self.shadow_name() else None
+        payload = self._shadow_payload()
+        return payload.get("started_at") if payload.get("ensemble") else None
 
     def shadow_history(self) -> list[dict[str, Any]]:
         return list(self._shadow_payload().get("history", []))
@@ -345,6 +352,4 @@ class Registry:
         return dict(json.loads(path.read_text())) if path.is_file() else None
 
     def shadow_stamp(self) -> float:
-        """Modification time of the shadow pointer (0 when absent)."""
-        path = self.root / SHADOW_FILE
-        return path.stat().st_mtime_ns / 1e9 if path.is_file() else 0.0
+        return self._pointer_stamp(SHADOW_FILE)

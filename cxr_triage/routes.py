@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cxr_triage.settings import Settings
 
@@ -44,6 +45,11 @@ class Route:
 
 def parse_routes(entries: list[str]) -> dict[str, Route]:
     """`CALLING_AET=AE@host:port[+tls]` entries -> {calling AE title: route}; calling AE titles compared exactly."""
+    return dict(_parse_routes(tuple(entries)))
+
+
+@lru_cache(maxsize=16)
+def _parse_routes(entries: tuple[str, ...]) -> dict[str, Route]:  # once per configuration, not per instance
     routes: dict[str, Route] = {}
     for entry in entries:
         calling, sep, spec = entry.partition("=")

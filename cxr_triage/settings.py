@@ -409,16 +409,9 @@ class Settings(BaseSettings):
         # `CXR_TLS_CERT=` must mean "no TLS", not Path(".").
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("retrain_architectures", "worklist_shadow_users", "stow_users", mode="before")
+    @field_validator("retrain_architectures", "worklist_shadow_users", "stow_users", "results_routes", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("results_routes", mode="before")
-    @classmethod
-    def _split_routes(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value

@@ -26,7 +26,7 @@ from db import repo
 from db.models import InstanceStatus
 from db.session import session_scope
 from infra.disk import spool_space
-from listener.dispatch import Dispatcher
+from listener.dispatch import Dispatcher, Routing
 from listener.intake import decide
 from listener.spool import open_spool
 
@@ -261,7 +261,9 @@ class Intake:
 
         queued = False
         if (created or replaced) and decision.triage:
-            queued = self.dispatcher.dispatch(instance_id, sop_instance_uid=sop_uid)
+            # The routing fields as recorded (the outbox reads the same from the row): no second query per instance.
+            routing = Routing(record.study_date, record.requested_priority, record.calling_aet)
+            queued = self.dispatcher.dispatch(instance_id, sop_instance_uid=sop_uid, routing=routing)
         bound.info(
             "store.accepted",
             bytes=spooled.size_bytes,

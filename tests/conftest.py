@@ -194,6 +194,25 @@ def redis_url() -> Iterator[str]:
         client.flushdb()
 
 
+def new_copies(source: Path, folder: Path, count: int, *, prefix: str = "copy", **attributes: Any) -> list[Path]:
+    """`count` copies of the DICOM file `source` in `folder`, each its own study, series and SOP instance (new UIDs),
+    with `attributes` (keyword=value, e.g. StudyDate) set on every copy."""
+    import pydicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(source)
+    for keyword, value in attributes.items():
+        setattr(template, keyword, value)
+    paths = []
+    for n in range(count):
+        template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = folder / f"{prefix}-{n:04d}.dcm"
+        template.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def declare_queues(settings: Settings) -> Settings:
     """Declare every queue on a new connection, as a worker does when it starts. (A send declares its queue only once
     per pooled connection, and the redis_url fixture flushes Redis under this process's pool between tests; in

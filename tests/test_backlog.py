@@ -12,7 +12,6 @@ from typing import Any
 import pydicom
 import pytest
 from kombu.messaging import Consumer
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from cxr_triage.settings import Settings
@@ -33,7 +32,7 @@ from infra.queue import (
     worker_queues,
 )
 from listener.dispatch import Dispatcher, Routing, triage_queue
-from tests.conftest import DICOM_DIR, declare_queues, received_instance, wait_until
+from tests.conftest import DICOM_DIR, declare_queues, new_copies, received_instance, wait_until
 
 SOURCE = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
 NOW = datetime(2025, 3, 10, 14, 0)  # local time, as DICOM dates are
@@ -209,21 +208,6 @@ def test_a_waiting_backlog_is_not_taken_for_lost_messages(tmp_path: Path) -> Non
 # --- end to end --------------------------------------------------------------------------------------------------
 
 
-def _copies(folder: Path, count: int, *, study_date: str) -> list[Path]:
-    """Copies of the sample chest film, each its own study, with the given StudyDate."""
-    folder.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(SOURCE)
-    paths = []
-    for n in range(count):
-        template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
-        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        template.StudyDate = study_date
-        path = folder / f"{n:04d}.dcm"
-        template.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def _done_predictions(url: str) -> list[tuple[int, str, datetime]]:
     """(prediction id, SOP Instance UID, created_at) of every live prediction, in the order they were stored."""
     with session_scope(url) as session:
@@ -250,8 +234,8 @@ def test_a_fresh_instance_is_triaged_before_half_the_backlog(
     service = service_factory(database_url=database_url, broker_url=broker_url, models_dir=tiny_registry.root,
                               backlog_age_h="24", results_heatmap="false")  # fmt: skip
     settings = Settings(home=service.home / "var", database_url=database_url, broker_url=broker_url)
-    backlog = _copies(tmp_path / "backlog", BACKLOG_SIZE, study_date="20040826")
-    (fresh,) = _copies(tmp_path / "fresh", 1, study_date=date.today().strftime("%Y%m%d"))
+    backlog = new_copies(SOURCE, tmp_path / "backlog", BACKLOG_SIZE, StudyDate="20040826")
+    (fresh,) = new_copies(SOURCE, tmp_path / "fresh", 1, StudyDate=date.today().strftime("%Y%m%d"))
     fresh_uid = str(pydicom.dcmread(fresh, stop_before_pixels=True).SOPInstanceUID)
 
     service.start_listener()

@@ -15,7 +15,7 @@ from db.migrate import upgrade
 from db.models import Instance, InstanceEvent, InstanceStatus, Prediction
 from db.session import session_scope
 from infra.queue import QUEUES, producer, queue_depth, remove_legacy_bindings, send_triage
-from tests.conftest import DICOM_DIR, declare_queues, received_instance
+from tests.conftest import DICOM_DIR, declare_queues, new_copies, received_instance
 
 SOURCE = DICOM_DIR / "cr_chest_siim_jpeg_baseline_8bit.dcm"
 
@@ -171,26 +171,13 @@ def test_concurrent_associations_all_land_on_the_embedded_sqlite(service_factory
     filesystem transport rewrites its exchange tables while other threads read them: sends take turns."""
     import subprocess
 
-    import pydicom
-    from pydicom.uid import generate_uid
-
     from tests.conftest import STORESCU_CFG
 
     service = service_factory(
         database_url=f"sqlite:///{tmp_path / 'embedded.sqlite3'}", broker_url="", models_dir=tiny_registry.root
     )
     service.start_listener()
-    template = pydicom.dcmread(SOURCE)
-    groups: list[list[Path]] = []
-    for sender in range(4):
-        files = []
-        for n in range(5):
-            template.StudyInstanceUID = generate_uid()
-            template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            path = tmp_path / f"s{sender}-{n}.dcm"
-            template.save_as(path)
-            files.append(path)
-        groups.append(files)
+    groups = [new_copies(SOURCE, tmp_path, 5, prefix=f"s{sender}") for sender in range(4)]
     base = ["/usr/bin/storescu", "-aet", "STORESCU", "-aec", "CXRTRIAGE", "-xf", str(STORESCU_CFG), "CXR", "127.0.0.1",
             str(service.port)]  # fmt: skip
     procs = [subprocess.Popen([*base, *map(str, files)], stderr=subprocess.PIPE, text=True) for files in groups]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from cxr_triage.drift import Day, check
@@ -30,7 +29,7 @@ from db.migrate import upgrade
 from db.models import Instance, InstanceStatus, Prediction, Study
 from db.session import session_scope
 from db.worklist_models import WorklistEntry
-from tests.conftest import CHEST_FILES, DICOM_DIR, ROOT, received_instance
+from tests.conftest import CHEST_FILES, DICOM_DIR, ROOT, new_copies, received_instance
 from workers.ensemble import EnsembleProvider
 from workers.triage import triage_instance
 
@@ -60,11 +59,8 @@ def _settings(url: str, tmp_path: Path, tiny_registry) -> Settings:
 
 def _triaged_study(settings: Settings, provider: EnsembleProvider, tmp_path: Path, *, patient: str) -> str:
     """One study with one chest radiograph, received and triaged by the real worker path; returns the study UID."""
-    ds = pydicom.dcmread(DICOM_DIR / CHEST_FILES[0])
-    ds.StudyInstanceUID, ds.PatientID = generate_uid(), patient
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path)
+    (path,) = new_copies(DICOM_DIR / CHEST_FILES[0], tmp_path, 1, prefix=patient, PatientID=patient)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
     record = received_instance(
         str(ds.SOPInstanceUID), path, status=InstanceStatus.QUEUED, study_instance_uid=str(ds.StudyInstanceUID)
     )

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from cxr_triage.routes import Route, parse_routes, route_for
 from cxr_triage.settings import Settings
 from db.models import Instance, ResultObject
 from db.session import session_scope
-from tests.conftest import CHEST_FILES, DICOM_DIR, free_port, wait_until
+from tests.conftest import CHEST_FILES, DICOM_DIR, free_port, new_copies, wait_until
 
 
 def test_routes_parse_exactly_and_refuse_what_is_malformed() -> None:
@@ -33,12 +31,7 @@ def test_routes_parse_exactly_and_refuse_what_is_malformed() -> None:
 
 
 def _copy(tmp_path: Path, name: str) -> Path:
-    ds = pydicom.dcmread(DICOM_DIR / CHEST_FILES[0])
-    ds.StudyInstanceUID = generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    path = tmp_path / f"{name}.dcm"
-    ds.save_as(path)
-    return path
+    return new_copies(DICOM_DIR / CHEST_FILES[0], tmp_path, 1, prefix=name)[0]
 
 
 def _sr_count(orthanc) -> int:

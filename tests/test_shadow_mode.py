@@ -9,7 +9,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pydicom
 import pytest
 import torch
 from pydicom.uid import generate_uid
@@ -23,7 +22,7 @@ from cxr_triage.shadow import Pair, PredictionView, summarise
 from db.models import Prediction, PredictionRole, ResultObject
 from db.session import session_scope
 from db.worklist_models import PriorityAssignment
-from tests.conftest import CHEST_FILES, DICOM_DIR, ROOT, free_port, wait_until
+from tests.conftest import CHEST_FILES, DICOM_DIR, ROOT, free_port, new_copies, wait_until
 from training.gate import GateDecision, shadow_requirement
 
 RULES = Rules(stat_threshold=0.5, routine_threshold=0.8, indeterminate_margin=0.0, disagreement_threshold=1.0)
@@ -131,14 +130,7 @@ def test_shadow_set_on_live_traffic_is_stored_but_never_sent_or_ranked(
     )  # fmt: skip
     orthanc.start()
     try:
-        template = pydicom.dcmread(DICOM_DIR / CHEST_FILES[0])
-        files = []
-        for n in range(20):
-            template.StudyInstanceUID = generate_uid()
-            template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            path = tmp_path / f"cxr-{n}.dcm"
-            template.save_as(path)
-            files.append(path)
+        files = new_copies(DICOM_DIR / CHEST_FILES[0], tmp_path, 20, prefix="cxr")
         result = service.storescu(*files)
         assert result.returncode == 0, result.stderr
 
