@@ -180,6 +180,14 @@ class Settings(BaseSettings):
         "(exported once per weights file into home/onnx-cache) run by ONNX Runtime or OpenVINO at fp32 (CPU). "
         "bench/inference compares them.",
     )
+    inference_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="CPU threads the members' forward passes use in a worker process (decoding and resizing stay on "
+        "one: faster there). Give a worker that runs alone on a host (--pool solo, or --concurrency 1) the host's "
+        "cores; with N worker processes, cores / N. bench/turnaround shows what it does.",
+    )
     task_max_retries: int = Field(5, description="Retries of a transient task error before the instance fails.")
     task_max_attempts: int = Field(
         5, ge=1, description="Deliveries of an instance that never finished (worker died) before it is failed."

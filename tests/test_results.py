@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydicom.uid import generate_uid
 
 from cxr_triage.pixels import decode_dicom, normalise, read_dataset
 from cxr_triage.registry import ModelCard
 from tests.conftest import DICOM_DIR, make_tiny_registry
+from workers.backends import torch_threads
 from workers.ensemble import EnsembleProvider
 from workers.heatmap import HEATMAP_TEXT, build_heatmap_sc, grad_cam, render_overlay
 from workers.sr import FINDING_CODES, TriageResult, build_sr, ensemble_device_uid
@@ -113,6 +116,38 @@ def test_device_uid_changes_with_any_retrained_member() -> None:
 def test_triage_result_refuses_invalid_values() -> None:
     with pytest.raises(ValueError, match="unknown label"):
         _result(label="Cancer")
+
+
+@pytest.mark.parametrize("tta", [(), ("hflip",)])
+def test_grad_cam_from_the_kept_feature_maps_equals_running_the_members_again(
+    tmp_path: Path, tta: tuple[str, ...]
+) -> None:
+    registry = make_tiny_registry(tmp_path / "models")
+    ensemble = EnsembleProvider(registry, device="cpu").current()
+    assert ensemble is not None
+    ensemble.spec = dataclasses.replace(ensemble.spec, tta=tta)
+    sources = [read_dataset(DICOM_DIR / name) for name in SOURCES[:2]]
+    inputs = [{s: normalise(decode_dicom(ds, s).pixels)[None] for s in ensemble.input_sizes} for ds in sources]
+    batch = {s: torch.cat([i[s] for i in inputs]) for s in ensemble.input_sizes}
+    outputs = ensemble.predict_batch(batch, keep_feature_maps=True)
+    assert [set(o.feature_maps) for o in outputs] == [set(ensemble.versions)] * 2
+    assert ensemble.predict_batch(batch)[0].feature_maps == {}  # only when asked for
+    peaks = []
+    for one, output in zip(inputs, outputs, strict=True):
+        for label in ("COVID-19", "Pneumonia", "No finding"):
+            again = grad_cam(ensemble, one, label)
+            kept = grad_cam(ensemble, one, label, output.feature_maps)
+            assert kept.shape == again.shape
+            np.testing.assert_allclose(kept, again, atol=1e-4)
+            peaks.append(float(again.max()))
+    assert max(peaks) > 0.0  # (the untrained test member gives some classes no positive evidence: all zero)
+
+
+def test_torch_threads_sets_and_restores_the_intra_op_threads() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
 
 
 def test_heatmap_secondary_capture_is_valid_and_says_not_for_diagnosis(tmp_path: Path) -> None:

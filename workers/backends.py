@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -63,6 +64,21 @@ def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | No
     raise ValueError(f"unknown autocast {autocast!r}; known: auto, off, bf16")
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` intra-op CPU threads, then go back to what the process had (one, in a worker:
+    workers/celery_app.py). The members' convolutions scale with threads; the single-image preprocessing does not."""
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`batch` on `device`; towards CUDA it is staged in pinned (page-locked) host memory and copied asynchronously
     (the copy is ordered before the kernels that read it on the same stream)."""
@@ -102,6 +118,17 @@ class EagerRunner:
                 logits, pooled = self.model(x), None
         # Out of the autocast region: softmax, temperature and the OOD distance work on float32.
         return logits.float(), pooled.float() if pooled is not None else None
+
+    def with_feature_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """As `__call__`, and also the last convolutional feature map (N, C, H, W) the logits were computed from,
+        the input of Grad-CAM (workers/heatmap.py), which then need not run the network a second time."""
+        x = to_device(batch, self.device)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            maps = self.model.forward_features(x)
+            pooled = self.model.forward_head(maps, pre_logits=True)
+            logits = self.model.get_classifier()(pooled)
+        return logits.float(), pooled.float() if self.features else None, maps
 
 
 class OnnxRunner:

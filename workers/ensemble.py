@@ -11,7 +11,7 @@ import math
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +84,9 @@ class EnsembleOutput:
     member_probabilities: dict[str, dict[str, float]]
     ood_score: float | None = None
     out_of_distribution: bool = False
+    # member version -> this image's last convolutional feature map (C, H, W), kept when asked for
+    # (`predict_batch(keep_feature_maps=True)`, eager members only): Grad-CAM starts from it.
+    feature_maps: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Ensemble:
@@ -135,15 +138,20 @@ class Ensemble:
         return any(m.card.not_for_clinical_use for m in self.members)
 
     @torch.inference_mode()
-    def predict_batch(self, inputs: dict[int, torch.Tensor]) -> list[EnsembleOutput]:
+    def predict_batch(
+        self, inputs: dict[int, torch.Tensor], *, keep_feature_maps: bool = False
+    ) -> list[EnsembleOutput]:
         """`inputs[size]` is an (N, 3, size, size) batch; returns one output per image.
 
         Probabilities combine as the spec says (weights, temperature: `cxr_triage.ensembling.combine`); the label
-        follows its operating point; the OOD member's pooled features are scored by the detector.
+        follows its operating point; the OOD member's pooled features are scored by the detector. With
+        `keep_feature_maps`, each output keeps the last feature map of every eager (PyTorch) member for its image as
+        sent, so that Grad-CAM need not run those members again.
         """
         staged = {size: to_device(batch, self.device) for size, batch in inputs.items()}  # once per size
         member_probs: list[torch.Tensor] = []
         scores: torch.Tensor | None = None
+        kept: dict[str, torch.Tensor] = {}
         for member in self.members:
             batch = staged[member.card.input_size]
             model: Any = member.model
@@ -152,7 +160,11 @@ class Ensemble:
                 batch = torch.cat([batch, batch.flip(-1)])  # image and mirror image in one forward pass
             wants_features = member.card.version == self.ood_member and self.detector is not None
             runner = member.runner or EagerRunner(model, self.device, features=wants_features, autocast=self.autocast)
-            logits, pooled = runner(batch)
+            if keep_feature_maps and isinstance(runner, EagerRunner):
+                logits, pooled, maps = runner.with_feature_maps(batch)
+                kept[member.card.version] = maps[:n].clone()  # the images as sent; the mirrors' maps are let go
+            else:
+                logits, pooled = runner(batch)
             if wants_features and pooled is not None and self.detector is not None:
                 scores = self.detector.score(pooled[:n].float().cpu())  # the image as sent, not its mirror
             softmax = torch.softmax(logits.float(), dim=1)
@@ -181,6 +193,7 @@ class Ensemble:
                     out_of_distribution=bool(
                         self.detector is not None and score is not None and score > self.detector.threshold
                     ),
+                    feature_maps={version: maps[i] for version, maps in kept.items()},
                 )
             )
         return outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import highdicom as hd
@@ -20,20 +21,30 @@ SC_SERIES_NUMBER = 9902
 HEATMAP_TEXT = "AI heatmap - not for diagnosis"
 
 
-def grad_cam(ensemble: Ensemble, inputs: dict[int, torch.Tensor], label: str) -> np.ndarray:
+def grad_cam(
+    ensemble: Ensemble,
+    inputs: dict[int, torch.Tensor],
+    label: str,
+    feature_maps: Mapping[str, torch.Tensor] | None = None,
+) -> np.ndarray:
     """Mean Grad-CAM over the ensemble's members for class `label`, in [0, 1], at the largest input size.
 
     Uses timm's `forward_features` (last convolutional feature map) and `forward_head`, so it works for every
-    CNN of the paper without naming layers.
+    CNN of the paper without naming layers. A member whose feature map for this image is in `feature_maps` (kept by
+    the inference pass: `Ensemble.predict_batch(keep_feature_maps=True)`) only runs its head here, with gradients.
     """
     target = CLASS_LABELS.index(label)
     size = max(inputs)
     cams = []
     for member in ensemble.members:
         model: Any = member.model
-        batch = inputs[member.card.input_size][:1].to(ensemble.device)
+        kept = (feature_maps or {}).get(member.card.version)
         with torch.enable_grad():
-            features = model.forward_features(batch).detach().requires_grad_(True)
+            if kept is not None:  # a copy outside inference mode: it may take part in autograd
+                features = kept[None].float().clone().requires_grad_(True)
+            else:
+                batch = inputs[member.card.input_size][:1].to(ensemble.device)
+                features = model.forward_features(batch).detach().requires_grad_(True)
             logits = model.forward_head(features)
             grad = torch.autograd.grad(logits[0, target], features)[0]
         weights = grad.mean(dim=(2, 3), keepdim=True)

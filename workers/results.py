@@ -82,7 +82,7 @@ def _build_sr(ctx: BuildContext) -> Built:
 
 
 def _build_heatmap(ctx: BuildContext) -> Built:
-    cam = grad_cam(ctx.ensemble, ctx.inputs, ctx.output.label)
+    cam = grad_cam(ctx.ensemble, ctx.inputs, ctx.output.label, ctx.output.feature_maps)
     rgb = render_overlay(decode_dicom(ctx.source, 512).pixels, cam, ctx.result)
     return Built.dicom(build_heatmap_sc(ctx.source, rgb, ctx.result))
 

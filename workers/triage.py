@@ -31,6 +31,7 @@ from db.worklist_repo import assign_priority
 from infra.objectstore import ObjectStoreError, open_object
 from infra.queue import hand_over_result
 from workers import results
+from workers.backends import torch_threads
 from workers.ensemble import Ensemble, EnsembleOutput, EnsembleProvider
 
 log = get_logger(__name__)
@@ -191,7 +192,8 @@ def triage_claimed(
     try:
         started = time.perf_counter()
         batch = {size: torch.cat([d.inputs[size] for d in decoded]) for size in ensemble.input_sizes}
-        outputs = ensemble.predict_batch(batch)
+        with torch_threads(settings.inference_threads):  # Grad-CAM then starts from the maps kept here
+            outputs = ensemble.predict_batch(batch, keep_feature_maps=settings.results_heatmap)
         inference_ms = (time.perf_counter() - started) * 1000 / len(decoded)
     except TRANSIENT_ERRORS:
         raise
