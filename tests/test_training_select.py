@@ -11,7 +11,14 @@ from cxr_triage.labels import CLASS_LABELS
 from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.registry import EnsembleSpec, ModelCard
 from training.metrics import expected_calibration_error, within_source
-from training.select import Constraints, choose_operating_point, choose_subset, fit_detector, fit_temperature
+from training.select import (
+    Constraints,
+    choose_operating_point,
+    choose_subset,
+    fit_detector,
+    fit_temperature,
+    wilson_lower_bound,
+)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -47,6 +54,39 @@ def test_operating_point_meets_the_covid_sensitivity_target_on_validation() -> N
     labels = labels_at(probs, point)
     assert ((labels == 0) == ((probs[:, 0] >= point.stat_threshold) | (probs.argmax(axis=1) == 0))).all()
     assert (labels[covid] == 0).mean() >= 0.95
+
+
+def test_wilson_lower_bound_matches_scipy() -> None:
+    from scipy.stats import binomtest
+
+    for k, n in ((57, 58), (52, 58), (58, 58), (1, 3), (90, 100)):
+        # one-sided 95 % = the lower end of the two-sided 90 % interval
+        want = binomtest(k, n).proportion_ci(confidence_level=0.90, method="wilson").low
+        assert wilson_lower_bound(k, n) == pytest.approx(want, abs=1e-4)
+    assert wilson_lower_bound(0, 10) == 0.0 and wilson_lower_bound(3, 0) == 0.0
+    assert wilson_lower_bound(9, 10) < wilson_lower_bound(90, 100) < 0.9
+
+
+def test_lower_bound_rule_lowers_the_stat_threshold_until_the_bound_reaches_the_target() -> None:
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 58)
+    probs = rng.dirichlet(np.ones(3), size=len(y)) * 0.6
+    probs[np.arange(len(y)), y] += 0.4 * rng.random(len(y))
+    probs /= probs.sum(axis=1, keepdims=True)
+    point, point_stats = choose_operating_point(y, probs, covid_sensitivity=0.9)
+    bound, bound_stats = choose_operating_point(y, probs, covid_sensitivity=0.9, sensitivity_rule="lower-bound")
+    assert point_stats["covid_sensitivity_rule"] == "point" and bound_stats["covid_sensitivity_rule"] == "lower-bound"
+    assert bound.stat_threshold < point.stat_threshold
+    detected = int((probs[y == 0, 0] >= bound.stat_threshold).sum())
+    assert wilson_lower_bound(detected, 58) >= 0.9 > wilson_lower_bound(detected - 1, 58)
+    assert bound_stats["valid_covid_sensitivity_lower_bound"] == pytest.approx(wilson_lower_bound(detected, 58))
+    # The largest such threshold: one step up, fewer images are detected.
+    assert int((probs[y == 0, 0] >= bound.stat_threshold + 1e-4).sum()) < detected
+    # A target no count reaches: every COVID-19 image of validation is STAT.
+    strict, _ = choose_operating_point(y, probs, covid_sensitivity=0.99, sensitivity_rule="lower-bound")
+    assert (probs[y == 0, 0] >= strict.stat_threshold).all()
+    with pytest.raises(ValueError, match="unknown sensitivity rule"):
+        choose_operating_point(y, probs, sensitivity_rule="median")  # type: ignore[arg-type]
 
 
 def test_subset_choice_respects_constraints_and_prefers_the_best_validation_auroc() -> None:

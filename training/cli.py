@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -211,6 +211,12 @@ def select(
     min_pretrained_lite: int = 2,
     min_paper: int = 2,
     covid_sensitivity: Annotated[float, typer.Option(help="COVID-19 sensitivity target on validation")] = 0.95,
+    sensitivity_rule: Annotated[
+        str,
+        typer.Option(
+            help="'point': validation sensitivity >= target; 'lower-bound': its one-sided 95% Wilson lower bound is"
+        ),
+    ] = "point",
     max_disease_routine: float = 0.05,
     ood_quantile: float = 0.99,
     criterion: Annotated[
@@ -219,13 +225,17 @@ def select(
     threads: int = 2,
 ) -> None:
     """Choose the member set, temperature, operating point and OOD threshold on the validation split only."""
-    from training.select import Constraints
+    from training.select import Constraints, SensitivityRule
     from training.select import select as do_select
+
+    if sensitivity_rule not in ("point", "lower-bound"):
+        raise typer.BadParameter(f"unknown sensitivity rule {sensitivity_rule!r}; known: point, lower-bound")
 
     constraints = Constraints(min_members=min_members, max_members=max_members,
                               min_pretrained_lite=min_pretrained_lite, min_paper=min_paper)  # fmt: skip
     spec = do_select(out, list(candidates), split_csv, name, constraints=constraints,
                      covid_sensitivity=covid_sensitivity, max_disease_routine=max_disease_routine,
+                     sensitivity_rule=cast("SensitivityRule", sensitivity_rule),
                      ood_quantile=ood_quantile, criterion=criterion, threads=threads, log=typer.echo)  # fmt: skip
     typer.echo(f"ensemble {spec.name}: {', '.join(spec.members)}; T={spec.temperature}; {spec.operating_point}; "
                f"OOD on {spec.ood['member']} at {spec.ood['threshold']:.1f}")  # fmt: skip
