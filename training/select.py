@@ -134,7 +134,7 @@ def choose_operating_point(
     covid_sensitivity: float = 0.95,
     max_disease_routine: float = 0.05,
     sensitivity_rule: SensitivityRule = "point",
-) -> tuple[OperatingPoint, dict[str, float | str]]:
+) -> tuple[OperatingPoint, dict[str, Any]]:
     """Thresholds on validation: the highest STAT threshold keeping COVID-19 sensitivity >= the target, and the
     lowest routine threshold at which at most `max_disease_routine` of COVID-19/Pneumonia images are routine.
 

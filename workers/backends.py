@@ -2,8 +2,10 @@
 ONNX Runtime or OpenVINO (CPU, full fp32 precision).
 
 All give float32 logits and, for the member the OOD detector reads, its pooled features;
-`tests/test_inference_backends.py` checks they agree within a tolerance. Grad-CAM always uses the PyTorch model (it
-needs gradients). Choose with `CXR_INFERENCE_BACKEND`; `python -m bench.inference` compares them.
+`tests/test_inference_backends.py` checks they agree within a tolerance. Each can also hand back the last feature
+map of the pass (`MapsRunner`): Grad-CAM runs only the PyTorch head on it, with gradients. Choose with
+`CXR_INFERENCE_BACKEND`; `python -m bench.inference` compares them. ONNX Runtime and OpenVINO take the number of
+threads torch has when the runner is made (the worker makes it under CXR_INFERENCE_THREADS).
 
 On CUDA the PyTorch backends are the GPU path: the model in the channels-last layout, bf16 autocast (`autocast="auto"`,
 on GPUs with native bf16; the logits are cast back to float32 before any softmax or temperature), inputs staged in
@@ -18,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,16 +40,26 @@ class Runner(Protocol):
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
+@runtime_checkable
+class MapsRunner(Runner, Protocol):
+    """A runner that can also hand back the last convolutional feature map (N, C, H, W) of the same pass (every
+    backend here can): Grad-CAM (workers/heatmap.py) starts from it instead of running the member again."""
+
+    def with_feature_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]: ...
+
+
 class FeaturesAndLogits(nn.Module):
-    """A timm model as one graph with two outputs: the logits and the pooled features before the classifier."""
+    """A timm model as one graph with three outputs: the logits, the pooled features before the classifier and the
+    last convolutional feature map."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model: Any = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return self.model.get_classifier()(pooled), pooled
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps = self.model.forward_features(x)
+        pooled = self.model.forward_head(maps, pre_logits=True)
+        return self.model.get_classifier()(pooled), pooled, maps
 
 
 def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | None:
@@ -145,8 +157,12 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits, pooled = self.session.run(None, {"x": batch.cpu().numpy()})
+        logits, pooled = self.session.run(["logits", "pooled"], {"x": batch.cpu().numpy()})
         return torch.from_numpy(logits), torch.from_numpy(pooled) if self.features else None
+
+    def with_feature_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logits, pooled, maps = self.session.run(["logits", "pooled", "maps"], {"x": batch.cpu().numpy()})
+        return torch.from_numpy(logits), torch.from_numpy(pooled) if self.features else None, torch.from_numpy(maps)
 
 
 class OpenVinoRunner:
@@ -172,10 +188,15 @@ class OpenVinoRunner:
         pooled = torch.from_numpy(self.request.get_output_tensor(1).data.copy()) if self.features else None
         return logits, pooled
 
+    def with_feature_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        logits, pooled = self(batch)
+        return logits, pooled, torch.from_numpy(self.request.get_output_tensor(2).data.copy())
+
 
 def onnx_file(model: nn.Module, *, key: str, input_size: int, cache_dir: Path) -> Path:
     """The member's ONNX export in `cache_dir`, made on first use."""
-    path = cache_dir / f"{key}-opset{ONNX_OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
+    # "-maps": the export with the feature-map output (earlier exports in a cache lack it and are not reused)
+    path = cache_dir / f"{key}-maps-opset{ONNX_OPSET}-torch{torch.__version__.split('+')[0]}.onnx"
     if not path.is_file():
         export_onnx(model, input_size, path)
     return path
@@ -193,8 +214,8 @@ def export_onnx(model: nn.Module, input_size: int, path: Path) -> None:
             (example,),
             str(tmp),
             input_names=["x"],
-            output_names=["logits", "pooled"],
-            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}, "pooled": {0: "n"}},
+            output_names=["logits", "pooled", "maps"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}, "pooled": {0: "n"}, "maps": {0: "n"}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )

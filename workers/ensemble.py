@@ -26,7 +26,18 @@ from cxr_triage.ood import MahalanobisDetector
 from cxr_triage.pixels import PREPROCESSING_VERSION
 from cxr_triage.registry import EnsembleSpec, ModelCard, Registry
 from cxr_triage.settings import Settings
-from workers.backends import Autocast, Backend, EagerRunner, Runner, autocast_dtype, make_runner, to_device, weights_key
+from workers.backends import (
+    Autocast,
+    Backend,
+    EagerRunner,
+    MapsRunner,
+    Runner,
+    autocast_dtype,
+    make_runner,
+    to_device,
+    torch_threads,
+    weights_key,
+)
 
 log = get_logger(__name__)
 
@@ -85,7 +96,7 @@ class EnsembleOutput:
     ood_score: float | None = None
     out_of_distribution: bool = False
     # member version -> this image's last convolutional feature map (C, H, W), kept when asked for
-    # (`predict_batch(keep_feature_maps=True)`, eager members only): Grad-CAM starts from it.
+    # (`predict_batch(keep_feature_maps=True)`): Grad-CAM starts from it.
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -145,8 +156,8 @@ class Ensemble:
 
         Probabilities combine as the spec says (weights, temperature: `cxr_triage.ensembling.combine`); the label
         follows its operating point; the OOD member's pooled features are scored by the detector. With
-        `keep_feature_maps`, each output keeps the last feature map of every eager (PyTorch) member for its image as
-        sent, so that Grad-CAM need not run those members again.
+        `keep_feature_maps`, each output keeps the last feature map of every member for its image as
+        sent, so that Grad-CAM need not run the members again.
         """
         staged = {size: to_device(batch, self.device) for size, batch in inputs.items()}  # once per size
         member_probs: list[torch.Tensor] = []
@@ -160,7 +171,7 @@ class Ensemble:
                 batch = torch.cat([batch, batch.flip(-1)])  # image and mirror image in one forward pass
             wants_features = member.card.version == self.ood_member and self.detector is not None
             runner = member.runner or EagerRunner(model, self.device, features=wants_features, autocast=self.autocast)
-            if keep_feature_maps and isinstance(runner, EagerRunner):
+            if keep_feature_maps and isinstance(runner, MapsRunner):
                 logits, pooled, maps = runner.with_feature_maps(batch)
                 kept[member.card.version] = maps[:n].clone()  # the images as sent; the mirrors' maps are let go
             else:
@@ -281,8 +292,10 @@ class EnsembleProvider:
         cache_dir: Path | None = None,
         autocast: Autocast = "auto",
         pointer: Literal["promoted", "shadow"] = "promoted",
+        threads: int | None = None,
     ) -> None:
         self.registry = registry
+        self.threads = threads  # torch threads while a set loads (ONNX Runtime and OpenVINO keep them); None: as is
         self.pointer = pointer  # which registry pointer this provider serves: the promoted set, or the shadow set
         self.device = pick_device(device)  # raises now, at start-up, for a GPU that is not there
         self.poll_s = poll_s
@@ -329,14 +342,15 @@ class EnsembleProvider:
                 if name is None:
                     self._ensemble, self._refusal = None, None
                     return None
-                loaded = load_ensemble(
-                    self.registry,
-                    name,
-                    self.device,
-                    backend=self.backend,
-                    cache_dir=self.cache_dir,
-                    autocast=self.autocast,
-                )
+                with torch_threads(self.threads or torch.get_num_threads()):
+                    loaded = load_ensemble(
+                        self.registry,
+                        name,
+                        self.device,
+                        backend=self.backend,
+                        cache_dir=self.cache_dir,
+                        autocast=self.autocast,
+                    )
             except Exception as exc:
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
                 what = f"{self.pointer} set {name!r}" if name is not None else f"the {self.pointer} pointer"

@@ -30,6 +30,7 @@ def provider(pointer: Literal["promoted", "shadow"] = "promoted") -> EnsemblePro
             cache_dir=settings.home / "onnx-cache",
             autocast=settings.inference_autocast,
             pointer=pointer,
+            threads=settings.inference_threads,
         )
     return _providers[pointer]
 
