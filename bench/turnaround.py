@@ -76,6 +76,18 @@ def main() -> None:
     parser.add_argument("--broker-url", default="")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) for inspection")
+    parser.add_argument(
+        "--inference-threads",
+        type=int,
+        default=1,
+        help="CXR_INFERENCE_THREADS of the one worker (default 1, the setting's default; a worker alone on a host may "
+        "use its cores)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="CXR_TRIAGE_BATCH_SIZE of the worker")
+    parser.add_argument(
+        "--backend", default="eager", choices=["eager", "channels-last", "onnx", "openvino"],
+        help="CXR_INFERENCE_BACKEND of the worker",
+    )  # fmt: skip
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="cxr-turnaround-"))
@@ -92,6 +104,9 @@ def main() -> None:
             "CXR_PORT": str(ports["dicom"]),
             "CXR_API_PORT": str(ports["api"]),
             "CXR_OUTBOX_INTERVAL_S": "1",
+            "CXR_INFERENCE_THREADS": str(args.inference_threads),
+            "CXR_TRIAGE_BATCH_SIZE": str(args.batch_size),
+            "CXR_INFERENCE_BACKEND": args.backend,
             "CXR_LOG_LEVEL": "INFO" if args.keep else "WARNING",
             "PYTHONPATH": str(ROOT),
         }
@@ -209,7 +224,8 @@ def report(args: argparse.Namespace, turnaround: list[float], worker_ms: list[fl
     worker_s = [v / 1000 for v in worker_ms]
     rows = [("turnaround (C-STORE response -> visible in API)", turnaround), ("worker decode + inference", worker_s)]
     print(f"cxr-triage turnaround: {len(turnaround)} instances, {os.cpu_count()} cores, "
-          f"database {args.database_url or 'SQLite'}, broker {args.broker_url or 'filesystem'}")  # fmt: skip
+          f"database {args.database_url or 'SQLite'}, broker {args.broker_url or 'filesystem'}, "
+          f"worker: {args.backend}, {args.inference_threads} inference thread(s), batch {args.batch_size}")  # fmt: skip
     print(f"{'measure':50} {'p50 s':>8} {'p95 s':>8} {'max s':>8}")
     for name, values in rows:
         print(f"{name:50} {percentile(values, 0.5):8.3f} {percentile(values, 0.95):8.3f} {max(values):8.3f}")
@@ -225,6 +241,10 @@ def report(args: argparse.Namespace, turnaround: list[float], worker_ms: list[fl
                 "count": len(turnaround),
                 "database": args.database_url or "sqlite",
                 "broker": args.broker_url or "filesystem",
+                "inference_threads": args.inference_threads,
+                "batch_size": args.batch_size,
+                "backend": args.backend,
+                "models": str(args.models),
                 "turnaround_s": turnaround,
                 "worker_s": worker_s,
                 "p50_s": percentile(turnaround, 0.5),

@@ -110,6 +110,8 @@ def test_non_chest_and_text_pages_are_indeterminate_while_chest_films_are_not(
     wait_until(finished, 240, "every instance to be triaged")
     rows = outcome()
     uid = {p.name: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (*ood, *chest)}
+    for path in (*ood, *chest):  # shown with `pytest -s` (README: the scores against the threshold)
+        print(f"ood score {rows[uid[path.name]][3]:9.1f}  {path.name}")
     for path in ood:
         status, rule, flag, score = rows[uid[path.name]]
         assert status == InstanceStatus.DONE, (path.name, status)
