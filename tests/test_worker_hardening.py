@@ -260,7 +260,7 @@ def test_any_error_in_the_ensemble_ends_failed_with_type_and_message_without_pat
     ds.PatientName, ds.PatientID = "Doe^Jane", "PID-123"
     path = _save(ds, tmp_path / "named.dcm")
 
-    def broken(self: Ensemble, inputs: Any) -> Any:
+    def broken(self: Ensemble, inputs: Any, **_: Any) -> Any:
         raise RuntimeError("shape mismatch for Doe^Jane (PID-123) in layer 3\nsecond line")
 
     monkeypatch.setattr(Ensemble, "predict_batch", broken)
