@@ -173,7 +173,9 @@ class Ensemble:
             runner = member.runner or EagerRunner(model, self.device, features=wants_features, autocast=self.autocast)
             if keep_feature_maps and isinstance(runner, MapsRunner):
                 logits, pooled, maps = runner.with_feature_maps(batch)
-                kept[member.card.version] = maps[:n].clone()  # the images as sent; the mirrors' maps are let go
+                # the images as sent (the mirrors' maps are let go), in host memory: a large CUDA pass does not
+                # hold them on the device while its results are built
+                kept[member.card.version] = maps[:n].float().to("cpu", copy=True)
             else:
                 logits, pooled = runner(batch)
             if wants_features and pooled is not None and self.detector is not None:

@@ -41,7 +41,7 @@ def grad_cam(
         kept = (feature_maps or {}).get(member.card.version)
         with torch.enable_grad():
             if kept is not None:  # a copy outside inference mode: it may take part in autograd
-                features = kept[None].float().clone().requires_grad_(True)
+                features = kept[None].to(ensemble.device).float().clone().requires_grad_(True)
             else:
                 batch = inputs[member.card.input_size][:1].to(ensemble.device)
                 features = model.forward_features(batch).detach().requires_grad_(True)
