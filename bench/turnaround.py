@@ -54,6 +54,12 @@ def wait_port(port: int, timeout: float = 120.0) -> None:
     raise TimeoutError(f"nothing on port {port}")
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it, else its name only."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else resolved.name
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -244,7 +250,8 @@ def report(args: argparse.Namespace, turnaround: list[float], worker_ms: list[fl
                 "inference_threads": args.inference_threads,
                 "batch_size": args.batch_size,
                 "backend": args.backend,
-                "models": str(args.models),
+                # the registry as given, relative to the repository when it is in it (no host paths in results)
+                "models": shown_path(args.models),
                 "turnaround_s": turnaround,
                 "worker_s": worker_s,
                 "p50_s": percentile(turnaround, 0.5),
