@@ -39,12 +39,18 @@ def test_temperature_scaling_undoes_known_overconfidence() -> None:
     )
 
 
-def test_operating_point_meets_the_covid_sensitivity_target_on_validation() -> None:
-    rng = np.random.default_rng(1)
-    y = np.repeat(np.arange(3), 60)
+def noisy_validation(*, seed: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (per_class of each class) and probabilities that lean towards them, with noise."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), per_class)
     probs = rng.dirichlet(np.ones(3), size=len(y)) * 0.6
     probs[np.arange(len(y)), y] += 0.4 * rng.random(len(y))
     probs /= probs.sum(axis=1, keepdims=True)
+    return y, probs
+
+
+def test_operating_point_meets_the_covid_sensitivity_target_on_validation() -> None:
+    y, probs = noisy_validation(seed=1, per_class=60)
     point, stats = choose_operating_point(y, probs, covid_sensitivity=0.95, max_disease_routine=0.05)
     covid = y == 0
     assert (probs[covid, 0] >= point.stat_threshold).mean() >= 0.95
@@ -68,11 +74,7 @@ def test_wilson_lower_bound_matches_scipy() -> None:
 
 
 def test_lower_bound_rule_lowers_the_stat_threshold_until_the_bound_reaches_the_target() -> None:
-    rng = np.random.default_rng(3)
-    y = np.repeat(np.arange(3), 58)
-    probs = rng.dirichlet(np.ones(3), size=len(y)) * 0.6
-    probs[np.arange(len(y)), y] += 0.4 * rng.random(len(y))
-    probs /= probs.sum(axis=1, keepdims=True)
+    y, probs = noisy_validation(seed=3, per_class=58)
     point, point_stats = choose_operating_point(y, probs, covid_sensitivity=0.9)
     bound, bound_stats = choose_operating_point(y, probs, covid_sensitivity=0.9, sensitivity_rule="lower-bound")
     assert point_stats["covid_sensitivity_rule"] == "point" and bound_stats["covid_sensitivity_rule"] == "lower-bound"

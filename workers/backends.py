@@ -81,9 +81,6 @@ def torch_threads(threads: int) -> Iterator[None]:
     """Run the block with `threads` intra-op CPU threads, then go back to what the process had (one, in a worker:
     workers/celery_app.py). The members' convolutions scale with threads; the single-image preprocessing does not."""
     before = torch.get_num_threads()
-    if threads == before:
-        yield
-        return
     torch.set_num_threads(threads)
     try:
         yield
@@ -120,26 +117,20 @@ class EagerRunner:
         self.autocast = autocast
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = to_device(batch, self.device)
-        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            if self.features:
-                pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-                logits = self.model.get_classifier()(pooled)
-            else:
-                logits, pooled = self.model(x), None
-        # Out of the autocast region: softmax, temperature and the OOD distance work on float32.
-        return logits.float(), pooled.float() if pooled is not None else None
+        logits, pooled, _ = self.with_feature_maps(batch)
+        return logits, pooled
 
     def with_feature_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """As `__call__`, and also the last convolutional feature map (N, C, H, W) the logits were computed from,
-        the input of Grad-CAM (workers/heatmap.py), which then need not run the network a second time."""
+        the input of Grad-CAM (workers/heatmap.py), which then need not run the network a second time. timm's
+        forward is forward_features then forward_head: the pass is the model's own, split where the maps are."""
         x = to_device(batch, self.device)
         x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             maps = self.model.forward_features(x)
             pooled = self.model.forward_head(maps, pre_logits=True)
             logits = self.model.get_classifier()(pooled)
+        # Out of the autocast region: softmax, temperature and the OOD distance work on float32.
         return logits.float(), pooled.float() if self.features else None, maps
 
 
